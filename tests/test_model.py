@@ -1,0 +1,155 @@
+import pytest
+import timm
+import torch
+
+import vit
+from vit.layers import Attention
+
+
+@pytest.mark.parametrize("name,count", [
+    ("vit_tiny_patch16_224", 5_717_416), ("vit_small_patch16_224", 22_050_664),
+    ("vit_base_patch16_224", 86_567_656), ("vit_large_patch16_224", 304_326_632)])
+def test_parameter_counts_match_papers(name, count):
+    with torch.device("meta"):
+        model = vit.create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == count
+
+
+def test_every_registered_model_matches_timm_parameter_count():
+    checked = 0
+    for name in vit.list_models():
+        if name not in timm.list_models():
+            continue
+        with torch.device("meta"):
+            ours, theirs = vit.create_model(name), timm.create_model(name, num_classes=1000)
+        assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters()), name
+        checked += 1
+    assert checked >= 20
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "base", "large", "huge"])
+@pytest.mark.parametrize("patch", [8, 14, 16, 32])
+def test_every_family_runs_at_small_size(size, patch):
+    name = f"vit_{size}_patch{patch}_224"
+    assert name in vit.list_models()
+    # the family's width/heads, shrunk in depth and image size so the test stays fast
+    model = vit.create_model(name, img_size=patch * 2, depth=1, num_classes=3).eval()
+    out = model(torch.randn(2, 3, patch * 2, patch * 2))
+    assert out.shape == (2, 3)
+
+
+def test_registry_has_384_and_deit_variants():
+    names = vit.list_models()
+    for n in ("vit_base_patch16_384", "vit_large_patch32_384", "deit_small_patch16_224",
+              "deit_base_distilled_patch16_224", "vit_huge_patch14_224"):
+        assert n in names
+
+
+def test_unknown_model_name_lists_close_names():
+    with pytest.raises(ValueError, match="vit_base_patch16_224"):
+        vit.create_model("vit_base_patch16_244")
+
+
+def test_same_logits_as_timm_with_same_weights(tiny_kwargs):
+    for extra in ({}, {"global_pool": "avg"}, {"class_token": False, "global_pool": "avg"}, {"qkv_bias": False}):
+        kwargs = {**tiny_kwargs, **extra}
+        theirs = timm.models.VisionTransformer(**kwargs).eval()
+        ours = vit.VisionTransformer(**kwargs).eval()
+        ours.load_state_dict(theirs.state_dict(), strict=True)
+        x = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.forward_features(x), theirs.forward_features(x), atol=1e-5, rtol=1e-5)
+
+
+def test_forward_features_and_head_are_consistent(tiny_model):
+    x = torch.randn(3, 3, 32, 32)
+    tokens = tiny_model.forward_features(x)
+    assert tokens.shape == (3, 1 + 16, 64)
+    torch.testing.assert_close(tiny_model.forward_head(tokens), tiny_model(x))
+    assert tiny_model.forward_head(tokens, pre_logits=True).shape == (3, 64)
+
+
+def test_reset_classifier_and_features_only(tiny_model):
+    tiny_model.reset_classifier(5)
+    assert tiny_model(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+    tiny_model.reset_classifier(0)
+    assert tiny_model(torch.randn(1, 3, 32, 32)).shape == (1, 64)
+
+
+def test_no_weight_decay_names_embeddings_norms_and_biases(tiny_model):
+    skip = tiny_model.no_weight_decay()
+    assert {"pos_embed", "cls_token", "norm.weight", "norm.bias", "blocks.0.norm1.weight",
+            "blocks.0.attn.qkv.bias", "head.bias"} <= skip
+    assert "blocks.0.attn.qkv.weight" not in skip and "head.weight" not in skip
+    assert "patch_embed.proj.weight" not in skip
+
+
+def test_grad_checkpointing_gives_same_loss_and_grads(tiny_kwargs):
+    torch.manual_seed(0)
+    model = vit.VisionTransformer(**tiny_kwargs)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    loss_a = torch.nn.functional.cross_entropy(model(x), y)
+    loss_a.backward()
+    grads_a = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    loss_b = torch.nn.functional.cross_entropy(model(x), y)
+    loss_b.backward()
+    assert torch.equal(loss_a, loss_b)
+    for a, p in zip(grads_a, model.parameters()):
+        torch.testing.assert_close(a, p.grad)
+
+
+def test_initialisation_follows_reference(tiny_kwargs):
+    torch.manual_seed(0)
+    model = vit.VisionTransformer(**{**tiny_kwargs, "embed_dim": 256, "num_heads": 4})
+    w = model.blocks[0].mlp.fc1.weight
+    assert abs(w.std().item() - 0.02) < 0.002 and abs(w.mean().item()) < 0.002
+    assert torch.all(model.blocks[0].mlp.fc1.bias == 0)
+    assert torch.all(model.norm.weight == 1) and torch.all(model.norm.bias == 0)
+    assert abs(model.pos_embed.std().item() - 0.02) < 0.003
+
+
+def test_attention_maps_match_fused_attention(tiny_model):
+    x = torch.randn(2, 17, 64)
+    attn: Attention = tiny_model.blocks[0].attn
+    weights = attn.attention_map(x)
+    assert weights.shape == (2, 2, 17, 17)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 2, 17))
+    _, _, v = attn._qkv(x)
+    manual = attn.proj((weights @ v).transpose(1, 2).reshape(2, 17, 64))
+    torch.testing.assert_close(manual, attn(x), atol=1e-5, rtol=1e-5)
+    assert len(tiny_model.attention_maps(torch.randn(1, 3, 32, 32))) == 2
+
+
+def test_distilled_model_matches_timm_deit():
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=7)
+    theirs = timm.models.deit.VisionTransformerDistilled(**kwargs).eval()
+    ours = vit.VisionTransformer(distilled=True, **kwargs).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+
+
+def test_wrong_input_size_names_expected_and_got(tiny_model):
+    with pytest.raises(ValueError, match=r"expects 32x32 images, got 48x48.*dynamic_img_size"):
+        tiny_model(torch.randn(1, 3, 48, 48))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        tiny_model(torch.randn(1, 1, 32, 32))
+
+
+def test_dynamic_img_size_resamples_position_embeddings(tiny_kwargs):
+    model = vit.VisionTransformer(**tiny_kwargs, dynamic_img_size=True).eval()
+    assert model(torch.randn(1, 3, 48, 64)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(img_size=30), "not divisible by patch_size"),
+    (dict(embed_dim=63), "not divisible by num_heads"),
+    (dict(drop_rate=-0.1), "drop_rate"),
+    (dict(global_pool="max"), "global_pool"),
+    (dict(class_token=False), "needs class_token"),
+])
+def test_invalid_configuration_is_named(tiny_kwargs, bad, match):
+    with pytest.raises(ValueError, match=match):
+        vit.VisionTransformer(**{**tiny_kwargs, **bad})
