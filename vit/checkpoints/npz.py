@@ -1,0 +1,170 @@
+"""Google ViT / AugReg / big_vision ``.npz`` (JAX/Flax arrays) <-> our (timm) layout.
+
+Two index conventions exist for the sub-modules of an encoder block:
+original ViT / AugReg: ``LayerNorm_0, MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3``, one
+``Transformer/encoderblock_N/`` per block; big_vision: ``LayerNorm_0, MultiHeadDotProductAttention_0,
+LayerNorm_1, MlpBlock_0``, often scanned (one ``Transformer/encoderblock/`` whose arrays stack the blocks
+on axis 0), with the position embedding at ``pos_embedding``. Both are read; both can be written.
+Flax kernels are (in, out) and HWIO; attention kernels keep the head axis: query (D, heads, D/heads).
+These weights expect mean = std = 0.5; the JAX code resizes position embeddings bilinearly.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._common import HALF, CheckpointError, block_indices
+
+NAME = "npz"
+SIGNATURE = r"(?:opt/target/|params/img/|params/)?embedding/kernel"
+DEFAULTS: dict[str, Any] = {"mean": list(HALF), "std": list(HALF), "interpolation": "bicubic", "crop_pct": 0.9}
+HEAD_EXTRAS = ("pre_logits/",)  # the representation layer of original in21k weights; feeds the head only
+
+
+def _prefix(keys) -> str:
+    for prefix in ("opt/target/", "params/img/", "params/"):
+        if f"{prefix}embedding/kernel" in keys:
+            return prefix
+    return ""
+
+
+def to_timm(arrays: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Google layout (either convention, any of the ``opt/target/``, ``params/`` prefixes) -> ours.
+
+    Arrays it does not use stay under their own names, so the key check reports them; missing ones
+    simply produce no key, so the key check reports those too.
+
+    Example:
+        >>> to_timm({"embedding/kernel": torch.zeros(16, 16, 3, 8)})["patch_embed.proj.weight"].shape
+        torch.Size([8, 3, 16, 16])
+    """
+    prefix = _prefix(arrays)
+    w = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+
+    def take(name: str, index: int | None = None) -> torch.Tensor:
+        value = w[name]  # KeyError = missing array: the caller skips this parameter
+        used.add(name)
+        return value[index] if index is not None else value
+
+    def put(key: str, fn) -> None:
+        try:
+            out[key] = fn()
+        except KeyError:
+            pass
+        except (IndexError, RuntimeError) as error:
+            raise CheckpointError(f"array for {key} has an unexpected shape: {error}") from error
+
+    put("patch_embed.proj.weight", lambda: take("embedding/kernel").permute(3, 2, 0, 1))
+    put("patch_embed.proj.bias", lambda: take("embedding/bias"))
+    put("cls_token", lambda: take("cls"))
+    pos_name = "Transformer/posembed_input/pos_embedding" if "Transformer/posembed_input/pos_embedding" in w \
+        else "pos_embedding"
+    put("pos_embed", lambda: take(pos_name).reshape(1, -1, take(pos_name).shape[-1]))
+    put("norm.weight", lambda: take("Transformer/encoder_norm/scale"))
+    put("norm.bias", lambda: take("Transformer/encoder_norm/bias"))
+    put("head.weight", lambda: take("head/kernel").T)
+    put("head.bias", lambda: take("head/bias"))
+
+    stacked = "Transformer/encoderblock/LayerNorm_0/scale" in w
+    original = any("MultiHeadDotProductAttention_1/" in k for k in w)
+    mha, mlp, ln2 = (1, 3, 2) if original else (0, 0, 1)
+    if stacked:
+        depth = int(w["Transformer/encoderblock/LayerNorm_0/scale"].shape[0])
+        blocks = [("Transformer/encoderblock/", i, i) for i in range(depth)]
+    else:
+        blocks = [(f"Transformer/encoderblock_{i}/", None, i)
+                  for i in block_indices(w, r"^Transformer/encoderblock_(\d+)/")]
+    for path, idx, i in blocks:
+        att = f"{path}MultiHeadDotProductAttention_{mha}/"
+        b = f"blocks.{i}."
+        put(b + "norm1.weight", lambda: take(f"{path}LayerNorm_0/scale", idx))
+        put(b + "norm1.bias", lambda: take(f"{path}LayerNorm_0/bias", idx))
+        # query/key/value kernels (D, heads, D/heads) -> rows of timm's fused (3D, D) qkv, in q, k, v order
+        put(b + "attn.qkv.weight", lambda: torch.cat(
+            [take(f"{att}{n}/kernel", idx).flatten(1).T for n in ("query", "key", "value")]))
+        put(b + "attn.qkv.bias", lambda: torch.cat(
+            [take(f"{att}{n}/bias", idx).reshape(-1) for n in ("query", "key", "value")]))
+        put(b + "attn.proj.weight", lambda: take(f"{att}out/kernel", idx).flatten(0, 1).T)  # (heads, D/h, D)
+        put(b + "attn.proj.bias", lambda: take(f"{att}out/bias", idx))
+        put(b + "norm2.weight", lambda: take(f"{path}LayerNorm_{ln2}/scale", idx))
+        put(b + "norm2.bias", lambda: take(f"{path}LayerNorm_{ln2}/bias", idx))
+        for r in range(2):
+            put(b + f"mlp.fc{r + 1}.weight", lambda: take(f"{path}MlpBlock_{mlp}/Dense_{r}/kernel", idx).T)
+            put(b + f"mlp.fc{r + 1}.bias", lambda: take(f"{path}MlpBlock_{mlp}/Dense_{r}/bias", idx))
+    out.update({k: v for k, v in w.items() if k not in used})
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def num_heads(arrays: Mapping[str, torch.Tensor]) -> int | None:
+    """Heads, read off the query kernel's shape (D, heads, D/heads) — the one format that records them.
+
+    Example:
+        >>> num_heads({"Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel": torch.zeros(8, 2, 4)})
+        2
+    """
+    for key, value in arrays.items():
+        if re.search(r"MultiHeadDotProductAttention_\d/query/kernel$", key) and "MAPHead" not in key:
+            return int(value.shape[-2])
+    return None
+
+
+def from_timm(state_dict: Mapping[str, torch.Tensor], architecture: Mapping[str, Any],
+              big_vision: bool = False) -> dict[str, np.ndarray]:
+    """Ours -> Google layout as numpy arrays for ``np.savez``: the original ViT convention, or with
+    ``big_vision=True`` big_vision's (scanned blocks, ``_0/_0/_1`` indices, root ``pos_embedding``).
+
+    Example:
+        >>> from vit import VisionTransformer
+        >>> m = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3)
+        >>> from_timm(m.state_dict(), {"num_heads": 2})["embedding/kernel"].shape
+        (8, 8, 3, 32)
+    """
+    if architecture.get("distilled") or architecture.get("fc_norm"):
+        raise CheckpointError("the Google .npz layout has no distillation token and no fc_norm")
+    heads = architecture["num_heads"]
+    sd = {k: v.detach().float().cpu() for k, v in state_dict.items()}
+    out: dict[str, torch.Tensor] = {
+        "embedding/kernel": sd["patch_embed.proj.weight"].permute(2, 3, 1, 0),
+        "embedding/bias": sd["patch_embed.proj.bias"],
+        ("pos_embedding" if big_vision else "Transformer/posembed_input/pos_embedding"): sd["pos_embed"],
+    }
+    if "cls_token" in sd:
+        out["cls"] = sd["cls_token"]
+    if "norm.weight" in sd:
+        out["Transformer/encoder_norm/scale"] = sd["norm.weight"]
+        out["Transformer/encoder_norm/bias"] = sd["norm.bias"]
+    if "head.weight" in sd:
+        out["head/kernel"] = sd["head.weight"].T
+        out["head/bias"] = sd["head.bias"]
+    mha, mlp, ln2 = (0, 0, 1) if big_vision else (1, 3, 2)
+    per_block: list[dict[str, torch.Tensor]] = []
+    for i in block_indices(sd, r"^blocks\.(\d+)\."):
+        b = f"blocks.{i}."
+        dim = sd[b + "attn.qkv.weight"].shape[1]
+        block = {"LayerNorm_0/scale": sd[b + "norm1.weight"], "LayerNorm_0/bias": sd[b + "norm1.bias"],
+                 f"LayerNorm_{ln2}/scale": sd[b + "norm2.weight"], f"LayerNorm_{ln2}/bias": sd[b + "norm2.bias"]}
+        att = f"MultiHeadDotProductAttention_{mha}/"
+        qkv_bias = sd.get(b + "attn.qkv.bias", torch.zeros(3 * dim))  # no bias = zero bias in Flax's Dense
+        for name, weight, bias in zip(("query", "key", "value"), sd[b + "attn.qkv.weight"].chunk(3),
+                                      qkv_bias.chunk(3)):
+            block[f"{att}{name}/kernel"] = weight.T.reshape(dim, heads, dim // heads)
+            block[f"{att}{name}/bias"] = bias.reshape(heads, dim // heads)
+        block[f"{att}out/kernel"] = sd[b + "attn.proj.weight"].T.reshape(heads, dim // heads, dim)
+        block[f"{att}out/bias"] = sd[b + "attn.proj.bias"]
+        for r in range(2):
+            block[f"MlpBlock_{mlp}/Dense_{r}/kernel"] = sd[b + f"mlp.fc{r + 1}.weight"].T
+            block[f"MlpBlock_{mlp}/Dense_{r}/bias"] = sd[b + f"mlp.fc{r + 1}.bias"]
+        per_block.append(block)
+    if big_vision:
+        for name in per_block[0]:
+            out[f"Transformer/encoderblock/{name}"] = torch.stack([blk[name] for blk in per_block])
+    else:
+        for i, block in enumerate(per_block):
+            out.update({f"Transformer/encoderblock_{i}/{name}": v for name, v in block.items()})
+    return {k: np.ascontiguousarray(v.numpy()) for k, v in out.items()}

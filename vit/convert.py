@@ -1,0 +1,65 @@
+"""Convert any supported checkpoint to our directory layout (config.json + model.safetensors).
+
+    python -m vit.convert SOURCE OUTPUT_DIR [--img-size N] [--num-classes N]
+
+SOURCE is a file, a directory, ``hf-hub:ORG/REPO`` or ``timm:model.tag``. It prints what it detected.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .checkpoints import CheckpointError, architecture_of, load_pretrained, save_pretrained
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m vit.convert",
+        description="Convert timm / DeiT / torchvision / Hugging Face / Google .npz / Lightning weights "
+                    "to config.json + model.safetensors.")
+    parser.add_argument("source", help="a file, a directory, hf-hub:ORG/REPO or timm:model.tag")
+    parser.add_argument("output_dir", help="directory to write config.json and model.safetensors to")
+    parser.add_argument("--img-size", type=int, default=None, help="resample position embeddings to this size")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="re-initialise the head for this many classes (0 = no head)")
+    parser.add_argument("--num-heads", type=int, default=None,
+                        help="attention heads, for files that do not record them (torchvision, bare timm)")
+    parser.add_argument("--interpolation", default="bicubic", choices=["bicubic", "bilinear", "nearest"],
+                        help="how to resample position embeddings (default bicubic)")
+    return parser
+
+
+def main(args: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (0 ok, 2 for a bad source or arguments).
+
+    Example:
+        >>> main(["vit_tiny.pth", "converted/", "--num-classes", "10"])  # doctest: +SKIP
+        0
+    """
+    options = _parser().parse_args(args)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        model = load_pretrained(options.source, num_classes=options.num_classes, img_size=options.img_size,
+                                model={"num_heads": options.num_heads} if options.num_heads else None,
+                                interpolation=options.interpolation)
+        out = save_pretrained(model, options.output_dir)
+    except (CheckpointError, ValueError, OSError) as error:
+        message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())  # one line
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    cfg, arch = model.pretrained_cfg, architecture_of(model)
+    print(f"detected: {cfg['format']} checkpoint ({cfg['file']})")
+    print("architecture: " + ", ".join(f"{k}={arch[k]}" for k in (
+        "img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "global_pool",
+        "class_token", "distilled", "norm_eps")))
+    names = cfg["class_names"]
+    shown = f" ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" if names else ""
+    print(f"classes: {cfg['num_classes']}{shown}")
+    print(f"normalisation: mean={cfg['mean']} std={cfg['std']} interpolation={cfg['interpolation']}")
+    print(f"wrote: {out / 'config.json'}, {out / 'model.safetensors'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
