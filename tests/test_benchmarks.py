@@ -1,0 +1,65 @@
+"""The benchmark scripts run end to end in a tiny mode (1 repeat, tiny model, few images), so they never rot."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import vit
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    return _load("throughput")
+
+
+def test_throughput_tiny_mode_prints_every_table(throughput, capsys):
+    threads = torch.get_num_threads()
+    try:
+        peak, rows, ckpt_rows = throughput.main(["--tiny", "--repeats", "1", "--warmup", "0"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "matmul peak" in out and "| tiny | ours | infer |" in out and "| tiny | timm | train |" in out
+    assert peak > 0
+    assert {(r["impl"], r["mode"]) for r in rows} == {(i, m) for i in ("ours", "timm") for m in ("infer", "train")}
+    assert all(r["ips"] > 0 for r in rows)
+    assert [r["checkpointing"] for r in ckpt_rows] == [False, True]
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(distilled=True), dict(class_token=False, global_pool="avg")])
+def test_flops_per_image_match_torch_flop_counter(throughput, kwargs):
+    model = vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10,
+                                  **kwargs).eval()
+    counter = FlopCounterMode(display=False)
+    # the math backend spells attention as two batched matmuls, which the counter sees (the CPU flash kernel not)
+    with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model(torch.randn(1, 3, 32, 32))
+    # torch's counter counts the same matmuls (convolution, linear, attention) and nothing else
+    assert throughput.model_flops(model) == counter.get_total_flops()
+
+
+def test_dataloader_tiny_mode_compares_pipelines_and_model(capsys):
+    dataloader = _load("dataloader")
+    threads = torch.get_num_threads()
+    try:
+        rows = dataloader.main(["--images", "8", "--repeats", "1", "--batch", "4", "--sizes", "32,64"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "ours (albumentations)" in out and "torchvision v2" in out and "training step" in out
+    pipelines = [r for r in rows if r["split"] in ("train", "eval")]
+    assert len(pipelines) == 8 and all(r["ips"] > 0 for r in pipelines)
