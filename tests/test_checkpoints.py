@@ -160,6 +160,19 @@ def test_hf_in_memory_names_of_transformers_5():
     _close(model, reference, _x())
 
 
+def test_hf_vit_model_without_head_gives_the_same_features(tmp_path):
+    from transformers import ViTConfig, ViTModel
+    torch.manual_seed(0)
+    reference = ViTModel(ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                                   image_size=32, patch_size=8)).eval()  # has a pooler, no classifier
+    reference.save_pretrained(tmp_path / "hf")
+    model = vit.load_pretrained(tmp_path / "hf").eval()
+    assert model.num_classes == 0
+    with torch.no_grad():
+        difference = model.forward_features(_x()) - reference(pixel_values=_x()).last_hidden_state
+    assert difference.abs().max() <= TOL
+
+
 def test_hf_deit_with_teacher(tmp_path):
     from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
     torch.manual_seed(0)

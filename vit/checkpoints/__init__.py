@@ -234,8 +234,12 @@ def _adapt(state_dict: dict[str, torch.Tensor], ckpt_arch: Mapping[str, Any], mo
             state_dict["pos_embed"].float(), new_grid, old_grid,
             num_prefix_tokens=int(ckpt_arch["class_token"]) + int(ckpt_arch["distilled"]),
             interpolation=interpolation, antialias=antialias)
+    extras = getattr(FORMATS[fmt], "HEAD_EXTRAS", ())
+    if ckpt_arch["num_classes"] == 0 and any(k.startswith(extras) for k in state_dict):
+        # a pooler / pre-logits layer without a classifier after it (HF ViTModel): nothing here uses it
+        log.info("%s: dropped %s (no classifier head follows it)", name, "/".join(extras))
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(extras)}
     if ckpt_arch["num_classes"] != target["num_classes"]:
-        extras = getattr(FORMATS[fmt], "HEAD_EXTRAS", ())
         dropped = [k for k in state_dict if k.startswith(("head.", "head_dist.") + extras)]
         for key in dropped:
             del state_dict[key]
