@@ -64,7 +64,8 @@ def to_timm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Hugging Face ViT/DeiT (legacy or transformers-5 names, with or without ``vit.``) -> ours.
 
     Example:
-        >>> sd = {f"vit.encoder.layer.0.attention.attention.{n}.weight": torch.eye(2) for n in ("query", "key", "value")}
+        >>> names = ("query", "key", "value")
+        >>> sd = {f"vit.encoder.layer.0.attention.attention.{n}.weight": torch.eye(2) for n in names}
         >>> to_timm(sd)["blocks.0.attn.qkv.weight"].shape
         torch.Size([6, 2])
     """
