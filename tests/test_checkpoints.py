@@ -93,6 +93,15 @@ def test_lightning_checkpoint(tmp_path):
     assert model.pretrained_cfg["class_names"] == names
 
 
+def test_model_may_be_a_registered_name(tmp_path):
+    torch.manual_seed(0)
+    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32).eval()
+    save_file(reference.state_dict(), tmp_path / "w.safetensors")
+    model = vit.load_pretrained(tmp_path / "w.safetensors", model="vit_tiny_patch16_224")  # 192 wide: 3 heads
+    assert model.img_size == (224, 224) and model.num_classes == 3  # registry size, checkpoint's head
+    assert torch.equal(model.blocks[11].mlp.fc2.weight, reference.blocks[11].mlp.fc2.weight)
+
+
 def test_heads_are_guessed_with_a_warning(tmp_path, caplog):
     reference = _timm(embed_dim=128, num_heads=2)  # head dim 64: the guess is right
     torch.save(reference.state_dict(), tmp_path / "w.pth")

@@ -159,6 +159,7 @@ def test_hf_config_with_other_activation_is_refused(tmp_path):
 SUFFIXES = st.sampled_from([".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".npz", ""])
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on garbage that looks like pickle
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(max_size=4096), suffix=SUFFIXES,
        magic=st.sampled_from([b"", b"PK\x03\x04", b"\x80\x02", b"\x80\x04", b"\x10\x00\x00\x00\x00\x00\x00\x00{"]))

@@ -95,9 +95,9 @@ def _hints_and_meta(raw: RawCheckpoint, fmt: str, state_dict: Mapping[str, torch
 def _build_target(model: Any, ckpt_arch: dict[str, Any], num_classes, img_size, patch_size
                   ) -> VisionTransformer:
     """The model to load into: the given one (head reset / rebuilt when the overrides change it) or a new one."""
-    if isinstance(model, str):
+    if isinstance(model, str):  # a registered name: its sizes, the checkpoint's head and eps
         from ..registry import model_config
-        model = VisionTransformer(**model_config(model))
+        model = model_config(model)
     if isinstance(model, VisionTransformer):
         arch = architecture_of(model, training=True)
     elif model is None or isinstance(model, Mapping):
@@ -223,6 +223,9 @@ def _load(raw, source, name, model, num_classes, img_size, patch_size, strict, i
         raise CheckpointError(f"{name}: {error}") from None
     state_dict = FORMATS[fmt].to_timm(_strip(raw.state_dict, prefix))
     fmt_name, hints, meta = _hints_and_meta(raw, fmt, state_dict)
+    if isinstance(model, str):
+        from ..registry import model_config
+        model = model_config(model)
     # What the caller says about the model also tells what the checkpoint cannot (heads, a non-square grid).
     if isinstance(model, VisionTransformer):
         hints = {**hints, **architecture_of(model)}
