@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vit.data import ImageDataModule, eval_transform, load_image, train_transform
+from conftest import write_image_folder
+
+
+def test_digits_split_is_fixed_seeded_and_disjoint():
+    a, b = ImageDataModule("digits", img_size=16), ImageDataModule("digits", img_size=16)
+    a.setup(), b.setup()
+    assert (len(a.train_set), len(a.val_set), len(a.test_set)) == (1258, 180, 359)
+    assert np.array_equal(a.test_set.indices, b.test_set.indices)
+    parts = [set(a.train_set.indices), set(a.val_set.indices), set(a.test_set.indices)]
+    assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+    assert a.num_classes == 10 and a.class_names[3] == "3"
+
+
+def test_digits_batches_are_normalised_tensors():
+    dm = ImageDataModule("digits", img_size=16, batch_size=8, augment="none")
+    dm.setup()
+    images, labels = next(iter(dm.val_dataloader()))
+    assert images.shape == (8, 3, 16, 16) and images.dtype == torch.float32
+    assert labels.dtype == torch.int64
+    full = torch.cat([x for x, _ in dm.val_dataloader()])
+    assert abs(full.mean().item()) < 0.3 and 0.6 < full.std().item() < 1.5
+
+
+def test_imagefolder_with_train_and_val(image_folder):
+    dm = ImageDataModule("imagefolder", root=str(image_folder), img_size=16, batch_size=4)
+    assert dm.class_names == ["cat", "dog"] and dm.num_classes == 2
+    dm.setup()
+    assert len(dm.train_set) == 16 and len(dm.val_set) == 16
+    assert dm.test_set is dm.val_set or len(dm.test_set) == len(dm.val_set)  # val doubles as test
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (4, 3, 16, 16)
+    assert set(labels.tolist()) <= {0, 1}
+
+
+def test_single_folder_is_split_by_seed(tmp_path):
+    root = write_image_folder(tmp_path / "flat", per_class=10, splits=("",))
+    dm = ImageDataModule("imagefolder", root=str(root), img_size=16, val_fraction=0.2)
+    dm.setup()
+    assert len(dm.train_set) == 16 and len(dm.val_set) == 4
+    train_paths = {p for p, _ in dm.train_set.samples}
+    assert not train_paths & {p for p, _ in dm.val_set.samples}
+
+
+def test_grayscale_rgba_and_palette_images_become_rgb(tmp_path):
+    Image.fromarray(np.full((10, 12), 128, np.uint8), "L").save(tmp_path / "gray.png")
+    Image.fromarray(np.zeros((10, 12, 4), np.uint8), "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(np.zeros((10, 12, 3), np.uint8)).convert("P").save(tmp_path / "pal.png")
+    for name in ("gray.png", "rgba.png", "pal.png"):
+        arr = load_image(tmp_path / name, in_chans=3)
+        assert arr.shape == (10, 12, 3) and arr.dtype == np.uint8
+        assert load_image(tmp_path / name, in_chans=1).shape == (10, 12, 1)
+    # transparent pixels are composited on white, not black
+    assert load_image(tmp_path / "rgba.png").min() == 255
+
+
+def test_transforms_produce_requested_size():
+    image = np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)
+    for aug in ("light", "strong"):
+        out = train_transform(32, (0.5,) * 3, (0.5,) * 3, augment=aug, random_erasing=0.5)(image=image)["image"]
+        assert out.shape == (3, 32, 32)
+    assert eval_transform((24, 40), (0.5,) * 3, (0.5,) * 3, crop_pct=0.875)(image=image)["image"].shape == (3, 24, 40)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dataset="mnist"), "data.dataset"),
+    (dict(dataset="imagefolder"), "data.root: required"),
+    (dict(dataset="imagefolder", root="/nonexistent/folder"), "not a directory"),
+    (dict(batch_size=0), "data.batch_size"),
+    (dict(val_fraction=0.5, test_fraction=0.5), "leave training data"),
+    (dict(augment="heavy"), "data.augment"),
+])
+def test_bad_data_configuration_names_the_key(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ImageDataModule(**kwargs)
+
+
+def test_cifar_without_files_explains_download(tmp_path):
+    dm = ImageDataModule("cifar10", root=str(tmp_path), img_size=32)
+    with pytest.raises(FileNotFoundError, match="data.download: true"):
+        dm.setup()

@@ -1,0 +1,6 @@
+"""Data: datasets, albumentations transforms and the Lightning data module."""
+from .datamodule import ImageDataModule
+from .datasets import load_image
+from .transforms import eval_transform, train_transform
+
+__all__ = ["ImageDataModule", "eval_transform", "load_image", "train_transform"]

@@ -1,0 +1,248 @@
+"""ImageDataModule: dataset choice, seeded splits, albumentations transforms and loaders."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .datasets import (CIFAR10_CLASSES, DIGITS_CLASSES, ArrayDataset, FileDataset, find_classes,
+                       load_digits_arrays, scan_image_folder)
+from .transforms import AUGMENT_PRESETS, IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+
+DATASETS = ("digits", "imagefolder", "cifar10", "cifar100")
+_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "digits": ((0.3053,) * 3, (0.3760,) * 3),  # measured over all 1,797 images scaled to [0, 1]
+}
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Images for classification: ``digits`` (embedded, no download), ``imagefolder``, ``cifar10``/``cifar100``.
+
+    ``num_classes`` and ``class_names`` are known right after construction, so the CLI can link them
+    into the model before anything is loaded.
+
+    Example:
+        >>> dm = ImageDataModule("digits", img_size=32, batch_size=16)
+        >>> dm.num_classes, dm.class_names[:3]
+        (10, ['0', '1', '2'])
+    """
+
+    def __init__(self, dataset: Literal["digits", "imagefolder", "cifar10", "cifar100"] = "digits",
+                 root: str | None = None, img_size: int = 32, batch_size: int = 64, num_workers: int = 0,
+                 val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 42, in_chans: int = 3,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 augment: Literal["none", "light", "strong"] = "light", hflip: bool = True,
+                 crop_scale: tuple[float, float] = (0.08, 1.0), color_jitter: float = 0.4,
+                 random_erasing: float = 0.0, crop_pct: float = 1.0, download: bool = False,
+                 drop_last: bool = False):
+        super().__init__()
+        self.save_hyperparameters()
+        _check_args(dataset=dataset, root=root, img_size=img_size, batch_size=batch_size, num_workers=num_workers,
+                    val_fraction=val_fraction, test_fraction=test_fraction, in_chans=in_chans, augment=augment,
+                    crop_scale=crop_scale, mean=mean, std=std)
+        self.dataset = dataset
+        self.root = Path(root).expanduser() if root else None
+        self.img_size = img_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.seed = seed
+        self.in_chans = in_chans
+        self.download = download
+        self.drop_last = drop_last
+        self.augment, self.hflip, self.crop_scale = augment, hflip, tuple(crop_scale)
+        self.color_jitter, self.random_erasing, self.crop_pct = color_jitter, random_erasing, crop_pct
+        default_mean, default_std = _STATS.get(dataset, (IMAGENET_MEAN, IMAGENET_STD))
+        self.mean = _channels(mean if mean is not None else default_mean, in_chans)
+        self.std = _channels(std if std is not None else default_std, in_chans)
+        self.class_names = self._find_class_names()
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    # ---- transforms ------------------------------------------------------------------------------
+    def train_transform(self):
+        return train_transform(self.img_size, self.mean, self.std, augment=self.augment, hflip=self.hflip,
+                               crop_scale=self.crop_scale, color_jitter=self.color_jitter,
+                               random_erasing=self.random_erasing)
+
+    def eval_transform(self):
+        return eval_transform(self.img_size, self.mean, self.std, crop_pct=self.crop_pct)
+
+    # ---- datasets --------------------------------------------------------------------------------
+    def _find_class_names(self) -> list[str]:
+        if self.dataset == "digits":
+            return list(DIGITS_CLASSES)
+        if self.dataset == "cifar10":
+            return list(CIFAR10_CLASSES)
+        if self.dataset == "cifar100":
+            return _cifar100_names(self.root)
+        train_dir = self.root / "train" if (self.root / "train").is_dir() else self.root
+        names = find_classes(train_dir)
+        if not names:
+            raise ValueError(f"data.root: {train_dir} has no class folders; expected "
+                             f"root/train/<class>/*.jpg (and root/val/...) or root/<class>/*.jpg")
+        return names
+
+    def _split(self, n: int, fractions: Sequence[float]) -> list[np.ndarray]:
+        """Seeded random split of range(n): one index array per fraction, the remainder first."""
+        order = np.random.default_rng(self.seed).permutation(n)
+        sizes = [int(round(n * f)) for f in fractions]
+        parts, start = [], sum(sizes)
+        parts.append(np.sort(order[start:]))
+        for size in sizes:
+            start -= size
+            parts.append(np.sort(order[start:start + size]))
+        return parts
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train_tf, eval_tf = self.train_transform(), self.eval_transform()
+        if self.dataset == "digits":
+            images, labels = load_digits_arrays(self.in_chans)
+            train, val, test = self._split(len(images), [self.val_fraction, self.test_fraction])
+            self.train_set = ArrayDataset(images, labels, train_tf, train)
+            self.val_set = ArrayDataset(images, labels, eval_tf, val)
+            self.test_set = ArrayDataset(images, labels, eval_tf, test)
+        elif self.dataset in ("cifar10", "cifar100"):
+            train_arrays, test_arrays = _load_cifar(self.dataset, self.root, self.download)
+            images, labels = train_arrays
+            images = _to_channels(images, self.in_chans)
+            train, val = self._split(len(images), [self.val_fraction])
+            self.train_set = ArrayDataset(images, labels, train_tf, train)
+            self.val_set = ArrayDataset(images, labels, eval_tf, val)
+            self.test_set = ArrayDataset(_to_channels(test_arrays[0], self.in_chans), test_arrays[1], eval_tf)
+        else:
+            self._setup_imagefolder(train_tf, eval_tf)
+
+    def _setup_imagefolder(self, train_tf, eval_tf) -> None:
+        root = self.root
+        if (root / "train").is_dir():
+            train_samples = scan_image_folder(root / "train", self.class_names)
+            if (root / "val").is_dir():
+                val_samples = scan_image_folder(root / "val", self.class_names)
+            else:
+                train_idx, val_idx = self._split(len(train_samples), [self.val_fraction])
+                val_samples = [train_samples[i] for i in val_idx]
+                train_samples = [train_samples[i] for i in train_idx]
+            test_samples = scan_image_folder(root / "test", self.class_names) if (root / "test").is_dir() \
+                else val_samples  # val doubles as the test split when there is no test/
+        else:
+            samples = scan_image_folder(root, self.class_names)
+            train_idx, val_idx = self._split(len(samples), [self.val_fraction])
+            train_samples = [samples[i] for i in train_idx]
+            val_samples = test_samples = [samples[i] for i in val_idx]
+        if not train_samples:
+            raise ValueError(f"data.root: no training images found under {root}")
+        self.train_set = FileDataset(train_samples, train_tf, self.in_chans)
+        self.val_set = FileDataset(val_samples, eval_tf, self.in_chans)
+        self.test_set = FileDataset(test_samples, eval_tf, self.in_chans)
+
+    # ---- loaders ---------------------------------------------------------------------------------
+    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
+                          drop_last=drop_last and len(dataset) > self.batch_size, generator=generator)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True, drop_last=self.drop_last)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+
+def _check_args(*, dataset, root, img_size, batch_size, num_workers, val_fraction, test_fraction, in_chans, augment,
+                crop_scale, mean, std) -> None:
+    problems = []
+    if dataset not in DATASETS:
+        problems.append(f"data.dataset: expected one of {DATASETS}, got {dataset!r}")
+    if dataset == "imagefolder":
+        if not root:
+            problems.append("data.root: required for dataset 'imagefolder' (a folder of class sub-folders)")
+        elif not Path(root).expanduser().is_dir():
+            problems.append(f"data.root: {root} is not a directory")
+    for key, value in (("img_size", img_size), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            problems.append(f"data.{key}: expected a positive integer, got {value!r}")
+    if not isinstance(num_workers, int) or num_workers < 0:
+        problems.append(f"data.num_workers: expected an integer >= 0, got {num_workers!r}")
+    for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            problems.append(f"data.{key}: expected a fraction in [0, 1), got {value}")
+    if val_fraction + test_fraction >= 1.0:
+        problems.append(f"data.val_fraction + data.test_fraction must leave training data, got "
+                        f"{val_fraction} + {test_fraction}")
+    if in_chans not in (1, 3):
+        problems.append(f"data.in_chans: expected 1 or 3, got {in_chans!r}")
+    if augment not in AUGMENT_PRESETS:
+        problems.append(f"data.augment: expected one of {AUGMENT_PRESETS}, got {augment!r}")
+    if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+        problems.append(f"data.crop_scale: expected (min, max) with 0 < min <= max <= 1, got {crop_scale}")
+    for key, value in (("mean", mean), ("std", std)):
+        if value is not None and len(value) not in (1, in_chans):
+            problems.append(f"data.{key}: expected 1 or {in_chans} values, got {list(value)}")
+    if std is not None and any(s <= 0 for s in std):
+        problems.append(f"data.std: expected positive values, got {list(std)}")
+    if problems:
+        raise ValueError("invalid data configuration:\n  " + "\n  ".join(problems))
+
+
+def _channels(values: Sequence[float], in_chans: int) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    if len(values) == in_chans:
+        return values
+    if len(values) == 1:
+        return values * in_chans
+    return (sum(values) / len(values),) * in_chans  # an RGB statistic for a grayscale model
+
+
+def _to_channels(images: np.ndarray, in_chans: int) -> np.ndarray:
+    if in_chans == 1 and images.shape[-1] == 3:
+        gray = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        return gray.round().astype(np.uint8)[..., None]
+    return images
+
+
+def _cifar_root(root: Path | None) -> Path:
+    return root if root is not None else Path(os.environ.get("VIT_DATA", "data"))
+
+
+def _load_cifar(name: str, root: Path | None, download: bool):
+    from torchvision.datasets import CIFAR10, CIFAR100
+    cls = CIFAR10 if name == "cifar10" else CIFAR100
+    root = _cifar_root(root)
+    try:
+        train, test = cls(str(root), train=True, download=download), cls(str(root), train=False, download=download)
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+        folder = cls.base_folder
+        raise FileNotFoundError(
+            f"{name}: no usable copy under {root}/{folder} ({err}). Set `data.download: true` to fetch it "
+            f"(needs internet), or place the extracted '{folder}' folder under data.root={root}.") from None
+    return (train.data, train.targets), (test.data, test.targets)
+
+
+def _cifar100_names(root: Path | None) -> list[str]:
+    import pickle
+    meta = _cifar_root(root) / "cifar-100-python" / "meta"
+    if meta.is_file():
+        with open(meta, "rb") as f:
+            # torchvision's own reader does the same: the meta file is a plain dict of strings.
+            return list(pickle.load(f, encoding="latin1")["fine_label_names"])
+    return [f"class_{i}" for i in range(100)]
