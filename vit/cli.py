@@ -24,6 +24,25 @@ class VitCLI(LightningCLI):
         parser.link_arguments("data.img_size", "model.img_size")
         parser.link_arguments("data.in_chans", "model.in_chans")
 
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        self._use_pretrained_normalisation()
+
+    def _use_pretrained_normalisation(self) -> None:
+        """Normalise as the pretrained weights expect (their mean/std) unless data.mean/std are set. Done after
+        the model is built, so the weights are read once and the model never imports data code."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        cfg = getattr(getattr(self.model, "model", None), "pretrained_cfg", None) or {}
+        data = self.datamodule
+        if data is None or cfg.get("mean") is None or cfg.get("std") is None:
+            return
+        for key in ("mean", "std"):
+            if config["data"].get(key) is None and len(cfg[key]) in (1, data.in_chans):
+                values = tuple(float(v) for v in cfg[key]) * (data.in_chans // len(cfg[key]))
+                setattr(data, key, values)
+                data.hparams[key] = list(values)  # recorded in the .ckpt, so vit.predict normalises the same way
+                config["data"][key] = list(values)  # and in the run's config.yaml
+
     def instantiate_trainer(self, **kwargs):
         # `--trainer.enable_progress_bar false` should just work, not clash with the default rich bar.
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init

@@ -1,14 +1,15 @@
 """ImageClassifier: the LightningModule that trains a VisionTransformer."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from .checkpoints import architecture_of, load_pretrained
 from .model import VisionTransformer
 from .optim import param_groups, warmup_cosine
 from .registry import model_config
@@ -22,6 +23,11 @@ class ImageClassifier(L.LightningModule):
     biases), linear warm-up + cosine decay per step, top-1/top-5 accuracy.
 
     The architecture is a registered name (``arch``) and/or explicit hyper-parameters; explicit values win.
+    Fine-tuning: ``pretrained`` (anything ``vit.load_pretrained`` accepts; head re-initialised for
+    ``num_classes``, position embeddings resampled to ``img_size``), ``layer_decay``, ``freeze``
+    (``"none"``, ``"backbone"`` = train the head only, or N = freeze embeddings + the first N blocks),
+    Mixup/CutMix (``mixup_alpha``, ``cutmix_alpha``, ``mix_prob``, ``switch_prob``; soft-target loss) and
+    ``ema_decay`` (EMA weights are validated, tested and checkpointed; raw ones kept for resuming).
 
     Example:
         >>> module = ImageClassifier(arch="vit_tiny_patch16_224", num_classes=10, img_size=32, depth=2)
@@ -37,22 +43,31 @@ class ImageClassifier(L.LightningModule):
                  class_token: bool | None = None, class_names: list[str] | None = None,
                  lr: float = 1e-3, weight_decay: float = 0.05, betas: tuple[float, float] = (0.9, 0.999),
                  warmup_epochs: float = 1.0, min_lr_ratio: float = 0.01, label_smoothing: float = 0.1,
-                 layer_decay: float | None = None, grad_checkpointing: bool = False, compile: bool = False):
+                 layer_decay: float | None = None, grad_checkpointing: bool = False, compile: bool = False,
+                 pretrained: str | None = None, freeze: Union[int, Literal["none", "backbone"]] = "none",
+                 mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, mix_prob: float = 1.0,
+                 switch_prob: float = 0.5, ema_decay: float | None = None):
         super().__init__()
         self.save_hyperparameters()
         _check_training_args(lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
                              min_lr_ratio=min_lr_ratio, label_smoothing=label_smoothing, layer_decay=layer_decay)
+        _check_finetune_args(freeze=freeze, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, mix_prob=mix_prob,
+                             switch_prob=switch_prob, ema_decay=ema_decay)
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"model.class_names has {len(class_names)} names but model.num_classes is {num_classes}")
         self.class_names = list(class_names) if class_names is not None else None
-        self.model = build_model(self.hparams)
+        # Loaded here, never in on_fit_start: a resumed .ckpt is restored after __init__ and must win.
+        self.model = build_pretrained(self.hparams) if pretrained else build_model(self.hparams)
         self.model.set_grad_checkpointing(grad_checkpointing)
+        freeze_layers(self.model, freeze)
+        self.mixup = _mixup(self.hparams)
         top_k = min(5, num_classes)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
+        self.test_confmat = MulticlassConfusionMatrix(num_classes)  # read by vit.callbacks.TestReport
         if compile:
             self.model.compile()  # in place: state-dict keys stay free of `_orig_mod.`
 
@@ -62,8 +77,13 @@ class ImageClassifier(L.LightningModule):
     # ---- steps -----------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, targets = batch
-        logits = self(images)
-        loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
+        if self.mixup is not None:
+            images, soft_targets = mix_batch(self.mixup, images, targets)
+            logits = self(images)
+            loss = torch.sum(-soft_targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        else:
+            logits = self(images)
+            loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
         self.train_acc(logits.detach(), targets)
         self.log("train/loss", loss.detach(), prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
@@ -83,6 +103,7 @@ class ImageClassifier(L.LightningModule):
         logits = self(images)
         self.test_acc(logits, targets)
         self.test_acc5(logits, targets)
+        self.test_confmat(logits, targets)
         self.log("test/loss", F.cross_entropy(logits, targets), sync_dist=True)
         self.log("test/acc", self.test_acc)
         self.log("test/acc_top5", self.test_acc5)
@@ -99,7 +120,9 @@ class ImageClassifier(L.LightningModule):
             group["lr"] = hp.lr * group["lr_scale"]
             group.pop("names")
         # fused AdamW: one kernel per step instead of a loop over tensors (CPU and CUDA in torch >= 2.4)
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=_fused_supported(self))
+        # ...but Lightning refuses gradient clipping with a fused optimizer (it unscales internally)
+        fused = _fused_supported(self) and not self.trainer.gradient_clip_val
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=fused)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
         warmup = int(round(hp.warmup_epochs * total / max_epochs))
@@ -107,8 +130,28 @@ class ImageClassifier(L.LightningModule):
         schedule = LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total, hp.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def configure_callbacks(self):
+        from lightning.pytorch.callbacks import EMAWeightAveraging
+
+        from .callbacks import PredictionWriter, TestReport
+        stage = getattr(self.trainer.state.fn, "value", self.trainer.state.fn)  # TrainerFn -> 'fit'
+        wanted = {"test": TestReport, "predict": PredictionWriter}
+        if self.hparams.ema_decay:
+            wanted["fit"] = EMAWeightAveraging
+        kind = wanted.get(stage)
+        # one the trainer already has (configured in a recipe) wins over ours
+        if kind is None or any(isinstance(c, kind) for c in self.trainer.callbacks):
+            return []
+        return [EMAWeightAveraging(decay=self.hparams.ema_decay) if kind is EMAWeightAveraging else kind()]
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["class_names"] = self.class_names
+        hparams = checkpoint.get("hyper_parameters")
+        if hparams is not None and hparams.get("pretrained"):
+            # The weights are in the checkpoint: record the loaded architecture instead of the source, so
+            # load_from_checkpoint(path) works where the pretrained file is not.
+            arch = architecture_of(self.model)
+            hparams.update(pretrained=None, arch=None, **{k: arch[k] for k in ARCH_KEYS if k in arch})
 
 
 def build_model(hparams: Any) -> VisionTransformer:
@@ -120,6 +163,63 @@ def build_model(hparams: Any) -> VisionTransformer:
             config[key] = hp[key]
     config["num_classes"] = hp["num_classes"]
     return VisionTransformer(**config)
+
+
+def build_pretrained(hparams: Any) -> VisionTransformer:
+    """``hparams["pretrained"]`` loaded with ``vit.load_pretrained``: the head re-initialised for ``num_classes``,
+    position embeddings resampled to ``img_size``; explicit architecture values are hints (e.g. ``num_heads`` for
+    a bare state dict), dropout rates apply as given."""
+    hp = dict(hparams)
+    hints = {k: hp[k] for k in ARCH_KEYS if hp.get(k) is not None and k not in ("img_size", "patch_size")}
+    return load_pretrained(hp["pretrained"], model=hints or None, num_classes=hp["num_classes"],
+                           img_size=hp.get("img_size"), patch_size=hp.get("patch_size"))
+
+
+def freeze_layers(model: VisionTransformer, freeze: int | str) -> None:
+    """Stop gradients: ``"backbone"`` = all but the head (linear probe), N = patch/position embeddings, tokens
+    and the first N blocks, ``"none"`` = nothing. Frozen parameters are left out of the optimizer.
+
+    Example:
+        >>> m = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
+        >>> freeze_layers(m, "backbone"); sorted(n for n, p in m.named_parameters() if p.requires_grad)
+        ['head.bias', 'head.weight']
+    """
+    if freeze in ("none", 0, "0", None):
+        return
+    depth = model.group_matcher()
+    for name, param in model.named_parameters():
+        if freeze == "backbone":
+            param.requires_grad_(name.startswith(("head.", "head_dist.")))
+        elif depth[name] <= int(freeze):  # embeddings are depth 0, block i is depth i + 1
+            param.requires_grad_(False)
+
+
+def _mixup(hparams: Any):
+    if not (hparams.mixup_alpha > 0 or hparams.cutmix_alpha > 0) or hparams.mix_prob == 0:
+        return None
+    from timm.data import Mixup
+    return Mixup(mixup_alpha=hparams.mixup_alpha, cutmix_alpha=hparams.cutmix_alpha, prob=hparams.mix_prob,
+                 switch_prob=hparams.switch_prob, label_smoothing=hparams.label_smoothing,
+                 num_classes=hparams.num_classes)
+
+
+def mix_batch(mixup, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm Mixup/CutMix on a batch: (mixed images, soft targets summing to 1). timm needs an even batch, so
+    an odd last batch mixes all but its last image, which keeps its own (smoothed) one-hot target."""
+    if len(images) < 2:
+        return images, _smoothed(targets, mixup.num_classes, mixup.label_smoothing)
+    even = len(images) - len(images) % 2
+    mixed, soft = mixup(images[:even].clone(), targets[:even])
+    if even == len(images):
+        return mixed, soft
+    last = _smoothed(targets[even:], mixup.num_classes, mixup.label_smoothing)
+    return torch.cat([mixed, images[even:]]), torch.cat([soft, last.to(soft.dtype)])
+
+
+def _smoothed(targets: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    off = smoothing / num_classes
+    return torch.full((len(targets), num_classes), off, device=targets.device).scatter_(
+        1, targets.view(-1, 1), 1.0 - smoothing + off)
 
 
 def _fused_supported(module: L.LightningModule) -> bool:
@@ -141,3 +241,21 @@ def _check_training_args(**values: float | None) -> None:
         problems.append(f"model.layer_decay: expected a value in (0, 1], got {values['layer_decay']}")
     if problems:
         raise ValueError("invalid training configuration:\n  " + "\n  ".join(problems))
+
+
+def _check_finetune_args(*, freeze, mixup_alpha, cutmix_alpha, mix_prob, switch_prob, ema_decay) -> None:
+    problems = []
+    if isinstance(freeze, str) and freeze.isdigit():
+        freeze = int(freeze)
+    if not (freeze in ("none", "backbone") or (isinstance(freeze, int) and freeze >= 0)):
+        problems.append(f"model.freeze: expected 'none', 'backbone' or a number of blocks >= 0, got {freeze!r}")
+    for key, value in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
+        if value < 0:
+            problems.append(f"model.{key}: expected >= 0, got {value}")
+    for key, value in (("mix_prob", mix_prob), ("switch_prob", switch_prob)):
+        if not 0 <= value <= 1:
+            problems.append(f"model.{key}: expected a probability in [0, 1], got {value}")
+    if ema_decay is not None and not 0 < ema_decay < 1:
+        problems.append(f"model.ema_decay: expected a value in (0, 1), got {ema_decay}")
+    if problems:
+        raise ValueError("invalid fine-tuning configuration:\n  " + "\n  ".join(problems))

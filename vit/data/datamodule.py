@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .datasets import (CIFAR10_CLASSES, DIGITS_CLASSES, ArrayDataset, FileDataset, find_classes,
+from .datasets import (CIFAR10_CLASSES, DIGITS_CLASSES, IMAGE_EXTENSIONS, ArrayDataset, FileDataset, find_classes,
                        load_digits_arrays, scan_image_folder)
 from .transforms import AUGMENT_PRESETS, IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
@@ -41,7 +41,7 @@ class ImageDataModule(L.LightningDataModule):
                  augment: Literal["none", "light", "strong"] = "light", hflip: bool = True,
                  crop_scale: tuple[float, float] = (0.08, 1.0), color_jitter: float = 0.4,
                  random_erasing: float = 0.0, crop_pct: float = 1.0, download: bool = False,
-                 drop_last: bool = False):
+                 drop_last: bool = False, predict_path: str | list[str] | None = None):
         super().__init__()
         self.save_hyperparameters()
         _check_args(dataset=dataset, root=root, img_size=img_size, batch_size=batch_size, num_workers=num_workers,
@@ -63,10 +63,16 @@ class ImageDataModule(L.LightningDataModule):
         default_mean, default_std = _STATS.get(dataset, (IMAGENET_MEAN, IMAGENET_STD))
         self.mean = _channels(mean if mean is not None else default_mean, in_chans)
         self.std = _channels(std if std is not None else default_std, in_chans)
+        # recorded resolved, so a checkpoint tells vit.load_pretrained / vit.predict how to normalise
+        self.hparams.update(mean=list(self.mean), std=list(self.std))
         self.class_names = self._find_class_names()
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        # `predict`: a folder (searched recursively), one image, a .txt list of paths, or a list of paths
+        self.predict_path = predict_path
+        self.predict_files: list[str] = []
+        self.predict_set: Dataset | None = None
 
     @property
     def num_classes(self) -> int:
@@ -108,6 +114,9 @@ class ImageDataModule(L.LightningDataModule):
         return parts
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":
+            self._setup_predict()
+            return
         if self.train_set is not None:
             return
         train_tf, eval_tf = self.train_transform(), self.eval_transform()
@@ -151,6 +160,15 @@ class ImageDataModule(L.LightningDataModule):
         self.val_set = FileDataset(val_samples, eval_tf, self.in_chans)
         self.test_set = FileDataset(test_samples, eval_tf, self.in_chans)
 
+    def _setup_predict(self) -> None:
+        if self.predict_path is None:
+            raise ValueError("data.predict_path: required for `predict` (an image folder, an image, a .txt list "
+                             "of image paths, or a list of paths)")
+        self.predict_files = list_images(self.predict_path)
+        # the "label" of a prediction sample is its index into predict_files (for the CSV writer)
+        self.predict_set = FileDataset([(f, i) for i, f in enumerate(self.predict_files)], self.eval_transform(),
+                                       self.in_chans)
+
     # ---- loaders ---------------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
@@ -166,6 +184,34 @@ class ImageDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_set, shuffle=False)
+
+
+def list_images(source: str | Sequence[str]) -> list[str]:
+    """Image files from a folder (recursive, sorted; hidden entries skipped), one image file, a ``.txt`` file with
+    one path per line (relative to the list's folder), or a list of any of these.
+
+    Example:
+        >>> list_images([])
+        []
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        return [f for item in source for f in list_images(item)]
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = [p for p in sorted(path.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                 and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+        if not files:
+            raise ValueError(f"data.predict_path: no image files under {path}")
+        return [str(p) for p in files]
+    if path.suffix.lower() == ".txt" and path.is_file():
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        return [str(path.parent / line) for line in lines if line and not line.startswith("#")]
+    if not path.is_file():
+        raise FileNotFoundError(f"data.predict_path: {path} does not exist")
+    return [str(path)]
 
 
 def _check_args(*, dataset, root, img_size, batch_size, num_workers, val_fraction, test_fraction, in_chans, augment,

@@ -1,0 +1,117 @@
+"""Results people look at: `train.py predict` CSV, `python -m vit.predict`, the test report, attention maps."""
+import csv
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+import vit
+from vit import predict as predict_cli
+from vit import visualize
+from vit.callbacks import per_class_metrics
+from vit.cli import main as train_main
+from vit.data import ImageDataModule
+from vit.module import ImageClassifier
+
+TINY = ["--model.embed_dim", "32", "--model.depth", "2", "--model.num_heads", "2", "--model.patch_size", "4",
+        "--data.img_size", "16", "--data.batch_size", "8", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "1"]
+RECIPE = Path(__file__).resolve().parent.parent / "configs" / "imagefolder.yaml"
+
+
+@pytest.fixture
+def trained(tmp_path, image_folder, monkeypatch):
+    """A tiny model fitted on the cat/dog folder through the CLI: (run directory, last.ckpt)."""
+    monkeypatch.chdir(tmp_path)
+    app = train_main(["fit", "--config", str(RECIPE), "--data.root", str(image_folder), "--trainer.max_epochs", "3",
+                      *TINY, "--model.lr", "0.003", "--model.warmup_epochs", "0", "--data.augment", "none"])
+    return Path(app.trainer.log_dir), next(Path(app.trainer.log_dir).rglob("last.ckpt"))
+
+
+def test_train_predict_writes_a_csv_of_topk_labels(trained, image_folder, tmp_path):
+    _, ckpt = trained
+    files = sorted(str(p) for p in (image_folder / "val").rglob("*.png"))
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(files[:3]) + "\n")
+    for source, expected in ((str(image_folder / "val"), files), (str(listing), files[:3])):
+        app = train_main(["predict", "--config", str(RECIPE), "--data.root", str(image_folder), *TINY,
+                          "--data.predict_path", source, "--ckpt_path", str(ckpt)])
+        out = Path(app.trainer.log_dir) / "predictions.csv"
+        rows = list(csv.reader(out.open()))
+        assert rows[0] == ["file", "label_1", "prob_1", "label_2", "prob_2"]
+        assert [r[0] for r in rows[1:]] == expected
+        for row in rows[1:]:
+            assert {row[1], row[3]} == {"cat", "dog"}
+            assert float(row[2]) >= float(row[4]) and float(row[2]) + float(row[4]) == pytest.approx(1, abs=1e-5)
+    correct = sum((r[1] == Path(r[0]).parent.name) for r in list(csv.reader(out.open()))[1:])
+    assert correct >= 2  # the corner squares are easy; a trained model gets most of them
+
+
+def test_predict_entry_point_reads_ckpt_and_save_pretrained_directory(trained, image_folder, tmp_path, capsys):
+    _, ckpt = trained
+    cat = str(next((image_folder / "val" / "cat").glob("*.png")))
+    directory = vit.save_pretrained(vit.load_pretrained(ckpt), tmp_path / "exported")
+    outputs = []
+    for checkpoint in (ckpt, directory):
+        assert predict_cli.main([cat, cat, "--checkpoint", str(checkpoint), "--topk", "1"]) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert len(lines) == 2 and lines[0].startswith(f"{cat}: ") and lines[0].split(": ")[1].split()[0] in ("cat", "dog")
+        outputs.append(lines)
+    assert outputs[0] == outputs[1]  # same model, same normalisation, same answer
+
+
+def test_predict_entry_point_errors_are_one_line_and_exit_code_2(trained, tmp_path, capsys):
+    _, ckpt = trained
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    assert predict_cli.main(["x.png", "--checkpoint", str(bad)]) == 2
+    assert predict_cli.main([str(tmp_path / "missing.png"), "--checkpoint", str(ckpt)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error: ") for line in err) and "missing.png" in err[1]
+
+
+def test_test_writes_confusion_matrix_png_and_per_class_csv(trained, image_folder, tmp_path):
+    _, ckpt = trained
+    app = train_main(["test", "--config", str(RECIPE), "--data.root", str(image_folder), *TINY,
+                      "--ckpt_path", str(ckpt)])
+    run = Path(app.trainer.log_dir)
+    png = run / "confusion_matrix.png"
+    assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = list(csv.DictReader((run / "per_class.csv").open()))
+    assert [r["class"] for r in rows] == ["cat", "dog"] and sum(int(r["support"]) for r in rows) == 16
+
+
+def test_per_class_metrics_from_a_confusion_matrix():
+    precision, recall, f1, support = per_class_metrics(torch.tensor([[3, 1, 0], [0, 2, 0], [0, 0, 0]]))
+    assert precision.tolist() == pytest.approx([1.0, 2 / 3, 0.0])
+    assert recall.tolist() == pytest.approx([0.75, 1.0, 0.0])
+    assert f1[0] == pytest.approx(2 * 0.75 / 1.75) and support.tolist() == [4, 2, 0]
+
+
+def test_visualize_writes_an_attention_overlay_png(trained, image_folder, tmp_path, capsys):
+    _, ckpt = trained
+    image = str(next((image_folder / "val" / "dog").glob("*.png")))
+    for method in ("rollout", "last"):
+        out = tmp_path / f"attn_{method}.png"
+        assert visualize.main([image, "--checkpoint", str(ckpt), "--out", str(out), "--method", method]) == 0
+        assert out.stat().st_size > 1000 and out.read_bytes()[:4] == b"\x89PNG"
+    assert visualize.main([image, "--checkpoint", str(tmp_path / "nope.ckpt")]) == 2
+
+
+def test_attention_rollout_is_a_distribution_over_patches():
+    model = vit.VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=3)
+    maps = model.attention_maps(torch.randn(2, 3, 16, 16))
+    rollout = visualize.attention_rollout(maps)
+    assert rollout.shape == (2, 16) and (rollout >= 0).all() and (rollout.sum(-1) <= 1 + 1e-5).all()
+    heat = visualize.attention_map(model, torch.randn(1, 3, 16, 16), "last")
+    assert heat.shape == (1, 16, 16) and heat.min() == 0 and heat.max() == pytest.approx(1)
+
+
+def test_predict_path_without_a_value_is_a_clear_error(image_folder):
+    dm = ImageDataModule("imagefolder", root=str(image_folder), img_size=16)
+    with pytest.raises(ValueError, match="data.predict_path"):
+        dm.setup("predict")
+    dm = ImageDataModule("imagefolder", root=str(image_folder), img_size=16, predict_path=str(image_folder / "nope"))
+    with pytest.raises(FileNotFoundError, match="nope"):
+        dm.setup("predict")
