@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -12,6 +13,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .datasets import (CIFAR10_CLASSES, DIGITS_CLASSES, IMAGE_EXTENSIONS, ArrayDataset, FileDataset, find_classes,
                        load_digits_arrays, scan_image_folder)
+from .datasets import scan_image_folder as _scan
+from .sampling import EpochSampler
 from .transforms import AUGMENT_PRESETS, IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
 DATASETS = ("digits", "imagefolder", "cifar10", "cifar100")
@@ -41,7 +44,8 @@ class ImageDataModule(L.LightningDataModule):
                  augment: Literal["none", "light", "strong"] = "light", hflip: bool = True,
                  crop_scale: tuple[float, float] = (0.08, 1.0), color_jitter: float = 0.4,
                  random_erasing: float = 0.0, crop_pct: float = 1.0, download: bool = False,
-                 drop_last: bool = False, predict_path: str | list[str] | None = None):
+                 drop_last: bool = False, predict_path: str | list[str] | None = None,
+                 on_bad_image: Literal["skip", "error"] = "skip"):
         super().__init__()
         self.save_hyperparameters()
         _check_args(dataset=dataset, root=root, img_size=img_size, batch_size=batch_size, num_workers=num_workers,
@@ -58,6 +62,12 @@ class ImageDataModule(L.LightningDataModule):
         self.in_chans = in_chans
         self.download = download
         self.drop_last = drop_last
+        if on_bad_image not in ("skip", "error"):
+            raise ValueError(f"invalid data configuration:\n  data.on_bad_image: expected 'skip' or 'error', "
+                             f"got {on_bad_image!r}")
+        self.on_bad_image = on_bad_image
+        self.skipped_images: list[tuple[str, str]] = []  # (path, reason) left out by the folder scan
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batches done) from a resumed checkpoint
         self.augment, self.hflip, self.crop_scale = augment, hflip, tuple(crop_scale)
         self.color_jitter, self.random_erasing, self.crop_pct = color_jitter, random_erasing, crop_pct
         default_mean, default_std = _STATS.get(dataset, (IMAGENET_MEAN, IMAGENET_STD))
@@ -139,6 +149,11 @@ class ImageDataModule(L.LightningDataModule):
 
     def _setup_imagefolder(self, train_tf, eval_tf) -> None:
         root = self.root
+        skipped: list[tuple[str, str]] = []
+
+        def scan_image_folder(folder, class_names):  # every split: same header checks, same skip list
+            return _scan(folder, class_names, self.on_bad_image, skipped)
+
         if (root / "train").is_dir():
             train_samples = scan_image_folder(root / "train", self.class_names)
             if (root / "val").is_dir():
@@ -156,9 +171,32 @@ class ImageDataModule(L.LightningDataModule):
             val_samples = test_samples = [samples[i] for i in val_idx]
         if not train_samples:
             raise ValueError(f"data.root: no training images found under {root}")
-        self.train_set = FileDataset(train_samples, train_tf, self.in_chans)
-        self.val_set = FileDataset(val_samples, eval_tf, self.in_chans)
-        self.test_set = FileDataset(test_samples, eval_tf, self.in_chans)
+        skip_log = self._report_skipped(skipped, train_samples)
+        self.train_set = FileDataset(train_samples, train_tf, self.in_chans, self.on_bad_image, skip_log)
+        self.val_set = FileDataset(val_samples, eval_tf, self.in_chans, self.on_bad_image, skip_log)
+        self.test_set = FileDataset(test_samples, eval_tf, self.in_chans, self.on_bad_image, skip_log)
+
+    def _report_skipped(self, skipped: list[tuple[str, str]], train_samples) -> Path | None:
+        """One warning for everything the scan left out, each path and reason in ``skipped_images.tsv`` in the
+        run directory (the file later decode failures are appended to); empty training classes warned too."""
+        self.skipped_images = skipped
+        trainer = getattr(self, "trainer", None)
+        log = None
+        if trainer is not None and trainer.log_dir:
+            log = Path(trainer.log_dir) / "skipped_images.tsv"
+            if trainer.is_global_zero:
+                log.parent.mkdir(parents=True, exist_ok=True)
+                log.write_text("".join(f"{path}\t{reason}\n" for path, reason in skipped), encoding="utf-8")
+        if skipped:
+            where = f"; every path and reason in {log}" if log else ""
+            warnings.warn(f"data: skipped {len(skipped)} unusable image file(s) under {self.root} (first: "
+                          f"{skipped[0][0]}: {skipped[0][1]}){where}", stacklevel=2)
+        counts = np.bincount([label for _, label in train_samples], minlength=self.num_classes)
+        empty = [name for name, n in zip(self.class_names, counts) if n == 0]
+        if empty:
+            warnings.warn(f"data: class folder(s) {empty} have no usable training images; the model still "
+                          f"predicts them but cannot learn them", stacklevel=2)
+        return log
 
     def _setup_predict(self) -> None:
         if self.predict_path is None:
@@ -171,10 +209,34 @@ class ImageDataModule(L.LightningDataModule):
 
     # ---- loaders ---------------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+        # Shuffle order and augmentation are functions of (seed, epoch, position): reproducible with any number
+        # of workers, and a resumed run continues exactly where the checkpoint left off (see sampling.py).
+        sampler = EpochSampler(len(dataset), self.seed) if shuffle else None
+        if sampler is not None and self._resume_at is not None:
+            sampler.start_at(self._resume_at[0], self._resume_at[1] * self.batch_size)
+            self._resume_at = None
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
-                          drop_last=drop_last and len(dataset) > self.batch_size, generator=generator)
+                          drop_last=drop_last and len(dataset) > self.batch_size,
+                          # own generator: creating an iterator must not draw from the global RNG (dropout's),
+                          # or a resumed run, which creates it before restoring RNG states, would diverge
+                          generator=torch.Generator().manual_seed(self.seed))
+
+    # ---- resuming --------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint: where training stands in the data (epoch, batches done in it)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not trainer.training:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        epoch = trainer.current_epoch
+        if done >= trainer.num_training_batches:  # saved at the end of an epoch: the next one starts afresh
+            epoch, done = epoch + 1, 0
+        return {"epoch": int(epoch), "batches_done": int(done)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self._resume_at = (int(state["epoch"]), int(state["batches_done"]))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True, drop_last=self.drop_last)
