@@ -46,7 +46,8 @@ class ImageClassifier(L.LightningModule):
                  layer_decay: float | None = None, grad_checkpointing: bool = False, compile: bool = False,
                  pretrained: str | None = None, freeze: Union[int, Literal["none", "backbone"]] = "none",
                  mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, mix_prob: float = 1.0,
-                 switch_prob: float = 0.5, ema_decay: float | None = None):
+                 switch_prob: float = 0.5, ema_decay: float | None = None,
+                 nonfinite_loss: Literal["error", "skip"] = "error"):
         super().__init__()
         self.save_hyperparameters()
         _check_training_args(lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
@@ -55,6 +56,10 @@ class ImageClassifier(L.LightningModule):
                              switch_prob=switch_prob, ema_decay=ema_decay)
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"model.class_names has {len(class_names)} names but model.num_classes is {num_classes}")
+        if nonfinite_loss not in ("error", "skip"):
+            raise ValueError(f"invalid training configuration:\n  model.nonfinite_loss: expected 'error' or 'skip', "
+                             f"got {nonfinite_loss!r}")
+        self.nonfinite_skipped = 0  # batches skipped for a NaN/inf loss (model.nonfinite_loss: skip)
         self.class_names = list(class_names) if class_names is not None else None
         # Loaded here, never in on_fit_start: a resumed .ckpt is restored after __init__ and must win.
         self.model = build_pretrained(self.hparams) if pretrained else build_model(self.hparams)
@@ -84,6 +89,9 @@ class ImageClassifier(L.LightningModule):
         else:
             logits = self(images)
             loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
+        # One host sync on a scalar the progress bar reads anyway; it must happen before the optimizer step.
+        if not torch.isfinite(loss):
+            return self._nonfinite(loss, batch_idx)
         self.train_acc(logits.detach(), targets)
         self.log("train/loss", loss.detach(), prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
@@ -144,14 +152,49 @@ class ImageClassifier(L.LightningModule):
             return []
         return [EMAWeightAveraging(decay=self.hparams.ema_decay) if kind is EMAWeightAveraging else kind()]
 
+    def _nonfinite(self, loss: torch.Tensor, batch_idx: int) -> None:
+        step, optimizers = self.global_step, self.trainer.optimizers
+        lrs = sorted({g["lr"] for g in optimizers[0].param_groups}) if optimizers else [self.hparams.lr]
+        lr = f"{lrs[0]:.3g}" if len(lrs) == 1 else f"{lrs[0]:.3g}..{lrs[-1]:.3g}"
+        where = f"at step {step} (epoch {self.current_epoch}, batch {batch_idx}), learning rate {lr}"
+        if self.hparams.nonfinite_loss == "error":
+            raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) {where}. Lower model.lr, raise "
+                                     f"model.warmup_epochs, use precision 32-true or bf16-mixed, or set "
+                                     f"model.nonfinite_loss: skip to skip such batches")
+        self.nonfinite_skipped += 1
+        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True, on_epoch=False)
+        if self.nonfinite_skipped == 1:
+            import warnings
+            warnings.warn(f"skipping a batch with a non-finite loss {where}; further ones are counted in "
+                          f"train/nonfinite_skipped", stacklevel=2)
+        return None  # Lightning skips backward and the optimizer step for this batch
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint is read against the data's classes: a different list or order would mislabel everything.
+        saved = checkpoint.get("class_names")
+        if saved is not None and self.class_names is not None and list(saved) != list(self.class_names):
+            raise ClassMismatchError(f"the checkpoint's classes differ from the data's:\n  checkpoint "
+                                     f"({len(saved)}): {list(saved)}\n  data       ({len(self.class_names)}): "
+                                     f"{list(self.class_names)}")
+        self.nonfinite_skipped = int(checkpoint.get("nonfinite_skipped", 0))
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["class_names"] = self.class_names
+        checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
         hparams = checkpoint.get("hyper_parameters")
         if hparams is not None and hparams.get("pretrained"):
             # The weights are in the checkpoint: record the loaded architecture instead of the source, so
             # load_from_checkpoint(path) works where the pretrained file is not.
             arch = architecture_of(self.model)
             hparams.update(pretrained=None, arch=None, **{k: arch[k] for k in ARCH_KEYS if k in arch})
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite (the message names the step and learning rate)."""
+
+
+class ClassMismatchError(ValueError):
+    """A checkpoint's class names differ from the data's (both lists in the message)."""
 
 
 def build_model(hparams: Any) -> VisionTransformer:

@@ -1,0 +1,139 @@
+"""Interruptions: atomic checkpoint files, checkpoint on SIGTERM/SIGINT, exact resume (in-process and a real kill)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from vit.data import ImageDataModule
+from vit.module import ImageClassifier
+from vit.resume import AtomicCheckpointIO, ResumeState, SaveOnSignal, TrainingInterrupted, rng_state, set_rng_state
+
+TINY = dict(num_classes=10, img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, drop_rate=0.1,
+            drop_path_rate=0.1)
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_atomic_write_keeps_previous_file_when_interrupted(tmp_path, monkeypatch):
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"w": torch.ones(3)}, path)
+
+    def dies_midway(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"w": torch.zeros(3)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+def test_rng_states_round_trip_through_weights_only_load(tmp_path):
+    import random
+
+    import numpy as np
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = (torch.rand(2), np.random.rand(2), random.random())
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert torch.equal(torch.rand(2), expected[0]) and (np.random.rand(2) == expected[1]).all()
+    assert random.random() == expected[2]
+
+
+class SignalAt(Callback):
+    """Sends a signal to this process after a given global step, like a scheduler pre-empting the job."""
+
+    def __init__(self, step, signum):
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def _fit(root, max_epochs, ckpt_path=None, extra=()):
+    L.seed_everything(0, verbose=False)
+    dm = ImageDataModule("digits", img_size=16, batch_size=64, hflip=True, color_jitter=0.2)
+    module = ImageClassifier(**TINY)
+    ckpt = ModelCheckpoint(dirpath=root / "ckpt", save_last=True, monitor="val/acc", mode="max")
+    trainer = L.Trainer(max_epochs=max_epochs, limit_train_batches=5, limit_val_batches=2, accelerator="cpu",
+                        devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        deterministic=True, default_root_dir=root, plugins=[AtomicCheckpointIO()],
+                        callbacks=[ckpt, ResumeState(), SaveOnSignal(), *extra])
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+    return module, trainer
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_checkpoint_and_resume_matches_uninterrupted_run(tmp_path, capsys, signum):
+    reference, ref_trainer = _fit(tmp_path / "a", max_epochs=2)
+    with pytest.raises(TrainingInterrupted) as stop:
+        _fit(tmp_path / "b", max_epochs=2, extra=[SignalAt(7, signum)])  # mid-epoch 1 (5 batches per epoch); saved at step 7
+    assert stop.value.signum == signum and Path(stop.value.path).name == "last.ckpt"
+    assert not isinstance(getattr(signal.getsignal(signum), "__self__", None), SaveOnSignal)  # handler given back
+    resumed, trainer = _fit(tmp_path / "b", max_epochs=2, ckpt_path=stop.value.path)
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "global step 7" in out and "RNG states" in out and "data position" in out
+    assert trainer.global_step == ref_trainer.global_step == 10
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    assert float(trainer.callback_metrics["val/acc"]) == float(ref_trainer.callback_metrics["val/acc"])
+
+
+def test_resume_restores_ema_weights(tmp_path):
+    import inspect
+    if "ema_decay" not in inspect.signature(ImageClassifier).parameters:
+        pytest.skip("ImageClassifier has no ema_decay")
+    global TINY
+    saved, TINY = TINY, {**TINY, "ema_decay": 0.9}
+    try:
+        reference, _ = _fit(tmp_path / "a", max_epochs=2)
+        with pytest.raises(TrainingInterrupted) as stop:
+            _fit(tmp_path / "b", max_epochs=2, extra=[SignalAt(7, signal.SIGTERM)])
+        resumed, _ = _fit(tmp_path / "b", max_epochs=2, ckpt_path=stop.value.path)
+    finally:
+        TINY = saved
+    for a, b in zip(reference.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def _cli(cwd, *args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs" / "digits.yaml"),
+           "--trainer.max_epochs", "4", "--trainer.limit_train_batches", "6", "--trainer.limit_val_batches", "2",
+           "--trainer.enable_progress_bar", "false", "--trainer.deterministic", "true", "--trainer.accelerator",
+           "cpu", "--model.embed_dim", "32", "--model.depth", "1", "--model.num_heads", "2", "--model.drop_rate",
+           "0.1", "--data.img_size", "16", *args]
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _final_weights(cwd):
+    last = max((Path(cwd) / "runs").rglob("last.ckpt"), key=lambda p: p.stat().st_mtime_ns)
+    ckpt = torch.load(last, weights_only=True)
+    return ckpt["state_dict"], ckpt["global_step"]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    full = _cli(tmp_path / "a")
+    victim = _cli(tmp_path / "b")
+    deadline = time.time() + 240
+    while not list((tmp_path / "b" / "runs").rglob("last.ckpt")) and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)  # no chance to clean up: only what is on disk survives
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, victim.stdout.read()[-2000:]
+    resumed = _cli(tmp_path / "b", "--ckpt_path", "last")
+    out_resumed, out_full = resumed.communicate(timeout=300)[0], full.communicate(timeout=300)[0]
+    assert resumed.returncode == 0 and full.returncode == 0, out_resumed[-3000:] + out_full[-3000:]
+    assert "resumed from" in out_resumed
+    (ref, ref_step), (got, step) = _final_weights(tmp_path / "a"), _final_weights(tmp_path / "b")
+    assert step == ref_step == 24
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=0, atol=1e-6, msg=name)
