@@ -137,3 +137,16 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     assert step == ref_step == 24
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_last_checkpoint_follows_every_epoch_even_without_improvement(tmp_path):
+    from vit.resume import LastCheckpoint
+    L.seed_everything(0)
+    dm = ImageDataModule("digits", img_size=16, batch_size=32)
+    module = ImageClassifier(num_classes=10, img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2,
+                             lr=1e-12, warmup_epochs=0)  # frozen in practice: val/acc never improves
+    checkpoint = LastCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max", save_last=True)
+    trainer = L.Trainer(max_epochs=3, limit_train_batches=2, limit_val_batches=2, accelerator="cpu", logger=False,
+                        enable_progress_bar=False, callbacks=[checkpoint])
+    trainer.fit(module, datamodule=dm)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == trainer.global_step == 6

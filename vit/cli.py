@@ -6,13 +6,13 @@ import sys
 import time
 from pathlib import Path
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from .data import ImageDataModule
 from .module import ImageClassifier
-from .resume import AtomicCheckpointIO, ResumeState, SaveOnSignal, TrainingInterrupted, find_last_checkpoint
+from .resume import AtomicCheckpointIO, LastCheckpoint, ResumeState, SaveOnSignal, TrainingInterrupted, find_last_checkpoint
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
 
@@ -83,7 +83,7 @@ def trainer_defaults(run_name: str = "vit") -> dict:
     version = _next_version(Path("runs") / run_name)
     return {
         "callbacks": [
-            ModelCheckpoint(monitor="val/acc", mode="max", save_last=True, auto_insert_metric_name=False,
+            LastCheckpoint(monitor="val/acc", mode="max", save_last=True, auto_insert_metric_name=False,
                             filename="epoch{epoch:03d}-acc{val/acc:.4f}"),
             LearningRateMonitor(logging_interval="step"),
             RichProgressBar(),

@@ -2,7 +2,7 @@
 
 The CLI installs all three by default. With a plain ``lightning.Trainer``::
 
-    trainer = L.Trainer(plugins=[AtomicCheckpointIO()], callbacks=[ModelCheckpoint(save_last=True),
+    trainer = L.Trainer(plugins=[AtomicCheckpointIO()], callbacks=[LastCheckpoint(save_last=True),
                         ResumeState(), SaveOnSignal()])
     trainer.fit(module, datamodule=dm, ckpt_path="path/to/last.ckpt", weights_only=True)
 
@@ -25,6 +25,26 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` follows every epoch. Lightning 2.6 refreshes ``last.ckpt`` only
+    when a top-k file is written, so a run whose metric stopped improving would resume from an old epoch."""
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):  # no validation loop: this is the epoch's save point
+            self._refresh_last(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def _refresh_last(self, trainer: L.Trainer) -> None:
+        if (self.save_last and not self._should_skip_saving_checkpoint(trainer)
+                and self._last_global_step_saved != trainer.global_step):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
