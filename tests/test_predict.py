@@ -115,3 +115,13 @@ def test_predict_path_without_a_value_is_a_clear_error(image_folder):
     dm = ImageDataModule("imagefolder", root=str(image_folder), img_size=16, predict_path=str(image_folder / "nope"))
     with pytest.raises(FileNotFoundError, match="nope"):
         dm.setup("predict")
+
+
+@pytest.mark.slow
+def test_predict_compile_option_gives_the_eager_answers(trained, image_folder, capsys):
+    _, ckpt = trained
+    images = [str(p) for p in sorted((image_folder / "val").rglob("*.png"))[:2]]
+    assert predict_cli.main([*images, "--checkpoint", str(ckpt), "--topk", "2"]) == 0
+    eager = capsys.readouterr().out
+    assert predict_cli.main([*images, "--checkpoint", str(ckpt), "--topk", "2", "--compile"]) == 0
+    assert capsys.readouterr().out == eager

@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True,
                         help="our .ckpt, a save_pretrained directory, or any source vit.load_pretrained reads")
     parser.add_argument("--topk", type=int, default=5, help="how many classes to print per image (default 5)")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the model under torch.compile (pays off on GPUs and for many images)")
     return parser
 
 
@@ -96,6 +98,8 @@ def main(args: list[str] | None = None) -> int:
         return 2
     try:
         model = load_model(options.checkpoint)
+        if options.compile:
+            model.compile()  # in place, so the module keeps its attributes (class names, img_size)
         results = predict(model, options.images, options.topk)
     except (CheckpointError, ValueError, OSError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
