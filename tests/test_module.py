@@ -74,6 +74,7 @@ def test_training_step_lowers_loss_and_logs_metrics(tmp_path):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(lr=0), "model.lr"), (dict(label_smoothing=1.5), "model.label_smoothing"),
     (dict(layer_decay=2.0), "model.layer_decay"), (dict(class_names=["a"]), "class_names"),
+    (dict(nonfinite_loss="ignore"), "model.nonfinite_loss"),
 ])
 def test_bad_training_configuration_names_the_key(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -28,6 +28,10 @@ class VitCLI(LightningCLI):
         parser.link_arguments("data.img_size", "model.img_size")
         parser.link_arguments("data.in_chans", "model.in_chans")
 
+    def _subcommand_config(self, config):
+        """The running subcommand's part of a parsed config (the whole config when there is no subcommand)."""
+        return config[self.subcommand] if self.subcommand else config
+
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         self._use_pretrained_normalisation()
@@ -35,7 +39,7 @@ class VitCLI(LightningCLI):
     def _use_pretrained_normalisation(self) -> None:
         """Normalise as the pretrained weights expect (their mean/std) unless data.mean/std are set. Done after
         the model is built, so the weights are read once and the model never imports data code."""
-        config = self.config[self.subcommand] if self.subcommand else self.config
+        config = self._subcommand_config(self.config)
         cfg = getattr(getattr(self.model, "model", None), "pretrained_cfg", None) or {}
         data = self.datamodule
         if data is None or cfg.get("mean") is None or cfg.get("std") is None:
@@ -49,7 +53,7 @@ class VitCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         VitCLI.phase = "configure"
-        config = self.config[self.subcommand] if self.subcommand else self.config
+        config = self._subcommand_config(self.config)
         if config.get("weights_only", False) is None:
             config["weights_only"] = True  # our checkpoints hold tensors and plain values only
         if config.get("ckpt_path") == "last":
@@ -67,7 +71,7 @@ class VitCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         # `--trainer.enable_progress_bar false` should just work, not clash with the default rich bar.
-        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        config = self._subcommand_config(self.config_init)
         if config["trainer"].get("enable_progress_bar") is False:
             self.trainer_defaults["callbacks"] = [c for c in self.trainer_defaults.get("callbacks", [])
                                                   if not isinstance(c, RichProgressBar)]

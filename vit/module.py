@@ -51,14 +51,12 @@ class ImageClassifier(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         _check_training_args(lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-                             min_lr_ratio=min_lr_ratio, label_smoothing=label_smoothing, layer_decay=layer_decay)
+                             min_lr_ratio=min_lr_ratio, label_smoothing=label_smoothing, layer_decay=layer_decay,
+                             nonfinite_loss=nonfinite_loss)
         _check_finetune_args(freeze=freeze, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, mix_prob=mix_prob,
                              switch_prob=switch_prob, ema_decay=ema_decay)
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"model.class_names has {len(class_names)} names but model.num_classes is {num_classes}")
-        if nonfinite_loss not in ("error", "skip"):
-            raise ValueError(f"invalid training configuration:\n  model.nonfinite_loss: expected 'error' or 'skip', "
-                             f"got {nonfinite_loss!r}")
         self.nonfinite_skipped = 0  # batches skipped for a NaN/inf loss (model.nonfinite_loss: skip)
         self.class_names = list(class_names) if class_names is not None else None
         # Loaded here, never in on_fit_start: a resumed .ckpt is restored after __init__ and must win.
@@ -282,6 +280,8 @@ def _check_training_args(**values: float | None) -> None:
             problems.append(f"model.{key}: expected a value in [0, 1), got {values[key]}")
     if values["layer_decay"] is not None and not 0 < values["layer_decay"] <= 1:
         problems.append(f"model.layer_decay: expected a value in (0, 1], got {values['layer_decay']}")
+    if values["nonfinite_loss"] not in ("error", "skip"):
+        problems.append(f"model.nonfinite_loss: expected 'error' or 'skip', got {values['nonfinite_loss']!r}")
     if problems:
         raise ValueError("invalid training configuration:\n  " + "\n  ".join(problems))
 
