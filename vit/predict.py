@@ -34,20 +34,17 @@ def preprocess(model: VisionTransformer, paths: Sequence[str | Path]) -> torch.T
         >>> x = preprocess(load_model("my_vit/"), ["cat.jpg"])  # doctest: +SKIP
     """
     from .data import eval_transform, load_image
+    from .data.transforms import match_channels
 
     cfg = getattr(model, "pretrained_cfg", None) or {}
     mean, std = cfg.get("mean") or IMAGENET_MEAN, cfg.get("std") or IMAGENET_STD  # a bare state dict: ImageNet's
-    if len(mean) != model.in_chans:  # an RGB statistic for a grayscale model
-        mean, std = [sum(mean) / len(mean)] * model.in_chans, [sum(std) / len(std)] * model.in_chans
+    mean, std = match_channels(mean, model.in_chans), match_channels(std, model.in_chans)
     transform = eval_transform(model.img_size, mean, std, crop_pct=cfg.get("crop_pct") or 1.0)
     images = []
     for path in paths:
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: no such image file")
-        try:
-            images.append(transform(image=load_image(path, model.in_chans))["image"])
-        except OSError as error:
-            raise OSError(f"{path}: not a readable image ({error})") from None
+        images.append(transform(image=load_image(path, model.in_chans))["image"])  # BadImageError names the file
     return torch.stack(images)
 
 
@@ -60,14 +57,20 @@ def predict(model: VisionTransformer, paths: Sequence[str | Path], topk: int = 5
         >>> predict(load_model("runs/vit/version_0/checkpoints/last.ckpt"), ["cat.jpg"], topk=2)  # doctest: +SKIP
         [[('cat', 0.93), ('dog', 0.05)]]
     """
-    names = (getattr(model, "pretrained_cfg", None) or {}).get("class_names") or \
-        [str(i) for i in range(model.num_classes)]
     results = []
     for start in range(0, len(paths), batch_size):
-        probs = model(preprocess(model, paths[start:start + batch_size])).float().softmax(dim=-1)
-        values, labels = probs.topk(min(topk, probs.shape[-1]), dim=-1)
-        results += [[(names[j], float(v)) for v, j in zip(vs.tolist(), js.tolist())] for vs, js in zip(values, labels)]
+        results += top_classes(model, preprocess(model, paths[start:start + batch_size]), topk)
     return results
+
+
+@torch.no_grad()
+def top_classes(model: VisionTransformer, images: torch.Tensor, topk: int = 5) -> list[list[tuple[str, float]]]:
+    """Top-k (class name, probability) for a preprocessed batch (B, C, H, W)."""
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("class_names") or \
+        [str(i) for i in range(model.num_classes)]
+    probs = model(images).float().softmax(dim=-1)
+    values, labels = probs.topk(min(topk, probs.shape[-1]), dim=-1)
+    return [[(names[j], float(v)) for v, j in zip(vs.tolist(), js.tolist())] for vs, js in zip(values, labels)]
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -15,7 +15,7 @@ import torch
 
 from .checkpoints import CheckpointError
 from .model import VisionTransformer
-from .predict import load_model, one_line, predict, preprocess
+from .predict import load_model, one_line, preprocess, top_classes
 
 
 def attention_rollout(maps: list[torch.Tensor], num_prefix_tokens: int = 1, method: str = "rollout") -> torch.Tensor:
@@ -116,7 +116,7 @@ def main(args: list[str] | None = None) -> int:
         model = load_model(options.checkpoint)
         x = preprocess(model, [options.image])
         heat = attention_map(model, x, options.method)[0]
-        top = predict(model, [options.image], topk=1)[0][0]
+        top = top_classes(model, x, topk=1)[0][0]  # the batch already decoded, not the file again
         out = save_overlay(_display_image(model, options.image), heat, options.out,
                            title=f"{Path(options.image).name}: {top[0]} ({top[1]:.2f}), {options.method}")
     except (CheckpointError, ValueError, OSError) as error:

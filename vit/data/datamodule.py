@@ -15,7 +15,8 @@ from .datasets import (CIFAR10_CLASSES, DIGITS_CLASSES, IMAGE_EXTENSIONS, ArrayD
                        load_digits_arrays, scan_image_folder)
 from .datasets import scan_image_folder as _scan
 from .sampling import EpochSampler
-from .transforms import AUGMENT_PRESETS, IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from .transforms import (AUGMENT_PRESETS, IMAGENET_MEAN, IMAGENET_STD, eval_transform, match_channels,
+                         train_transform)
 
 DATASETS = ("digits", "imagefolder", "cifar10", "cifar100")
 _STATS = {
@@ -71,8 +72,8 @@ class ImageDataModule(L.LightningDataModule):
         self.augment, self.hflip, self.crop_scale = augment, hflip, tuple(crop_scale)
         self.color_jitter, self.random_erasing, self.crop_pct = color_jitter, random_erasing, crop_pct
         default_mean, default_std = _STATS.get(dataset, (IMAGENET_MEAN, IMAGENET_STD))
-        self.mean = _channels(mean if mean is not None else default_mean, in_chans)
-        self.std = _channels(std if std is not None else default_std, in_chans)
+        self.mean = match_channels(mean if mean is not None else default_mean, in_chans)
+        self.std = match_channels(std if std is not None else default_std, in_chans)
         # recorded resolved, so a checkpoint tells vit.load_pretrained / vit.predict how to normalise
         self.hparams.update(mean=list(self.mean), std=list(self.std))
         self.class_names = self._find_class_names()
@@ -310,15 +311,6 @@ def _check_args(*, dataset, root, img_size, batch_size, num_workers, val_fractio
         problems.append(f"data.std: expected positive values, got {list(std)}")
     if problems:
         raise ValueError("invalid data configuration:\n  " + "\n  ".join(problems))
-
-
-def _channels(values: Sequence[float], in_chans: int) -> tuple[float, ...]:
-    values = tuple(float(v) for v in values)
-    if len(values) == in_chans:
-        return values
-    if len(values) == 1:
-        return values * in_chans
-    return (sum(values) / len(values),) * in_chans  # an RGB statistic for a grayscale model
 
 
 def _to_channels(images: np.ndarray, in_chans: int) -> np.ndarray:

@@ -70,6 +70,22 @@ def eval_transform(img_size: int | Sequence[int], mean: Sequence[float], std: Se
     ])
 
 
+def match_channels(values: Sequence[float], in_chans: int) -> tuple[float, ...]:
+    """A per-channel statistic for ``in_chans`` channels: repeated from one value, or the mean of an RGB
+    statistic for a grayscale model.
+
+    Example:
+        >>> match_channels((0.5,), 3)
+        (0.5, 0.5, 0.5)
+    """
+    values = tuple(float(v) for v in values)
+    if len(values) == in_chans:
+        return values
+    if len(values) == 1:
+        return values * in_chans
+    return (sum(values) / len(values),) * in_chans
+
+
 def _size(img_size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(img_size, int):
         return img_size, img_size
