@@ -105,8 +105,9 @@ def test_layer_decay_groups_every_parameter_once_with_lr_per_depth(tmp_path):
     names = [n for g in groups for n in g["names"]]
     assert sorted(names) == sorted(n for n, _ in model.named_parameters())  # each exactly once
     scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
-    assert scale["head.weight"] == scale["norm.weight"] == 1.0
-    assert scale["blocks.1.attn.qkv.weight"] == 0.5 and scale["blocks.0.mlp.fc1.bias"] == 0.25
+    assert scale["head.weight"] == 1.0
+    assert scale["blocks.1.attn.qkv.weight"] == scale["norm.weight"] == 0.5  # timm: the final norm joins the last block
+    assert scale["blocks.0.mlp.fc1.bias"] == 0.25
     assert scale["patch_embed.proj.weight"] == scale["pos_embed"] == scale["cls_token"] == 0.125
     assert all(g["weight_decay"] == 0 for g in groups if "pos_embed" in g["names"] or "norm.bias" in g["names"])
     # and the optimizer the module builds uses them
@@ -115,6 +116,16 @@ def test_layer_decay_groups_every_parameter_once_with_lr_per_depth(tmp_path):
     by_param = {id(p): g["initial_lr"] for g in trainer.optimizers[0].param_groups for p in g["params"]}
     assert by_param[id(model.head.weight)] == pytest.approx(1e-2)
     assert by_param[id(model.pos_embed)] == pytest.approx(1e-2 * 0.125)
+
+
+def test_timm_optimizer_factory_reads_our_group_matcher_like_ours():
+    from timm.optim import create_optimizer_v2
+    model = ImageClassifier(num_classes=10, img_size=16, **TINY).model
+    optimizer = create_optimizer_v2(model, "adamw", lr=1.0, weight_decay=0.05, layer_decay=0.5)
+    timm_scale = {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    ours = {id(p): g["lr_scale"] for g in param_groups(model, 0.05, layer_decay=0.5) for p in g["params"]}
+    assert len(set(ours.values())) == len(model.blocks) + 2  # stem, blocks, head: the decay really applies
+    assert timm_scale == ours
 
 
 @pytest.mark.parametrize("freeze,trainable", [

@@ -76,6 +76,12 @@ def test_reset_classifier_and_features_only(tiny_model):
     assert tiny_model(torch.randn(1, 3, 32, 32)).shape == (1, 64)
 
 
+def test_reset_classifier_follows_the_model_dtype_and_device(tiny_model):
+    tiny_model.to(torch.float64).reset_classifier(5)
+    assert tiny_model.head.weight.dtype == torch.float64
+    assert tiny_model(torch.randn(1, 3, 32, 32, dtype=torch.float64)).shape == (1, 5)
+
+
 def test_no_weight_decay_names_embeddings_norms_and_biases(tiny_model):
     skip = tiny_model.no_weight_decay()
     assert {"pos_embed", "cls_token", "norm.weight", "norm.bias", "blocks.0.norm1.weight",

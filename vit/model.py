@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from timm.layers import trunc_normal_
+from timm.models import group_parameters
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -133,11 +135,11 @@ class VisionTransformer(nn.Module):
                 raise ValueError(f"global_pool: expected 'token' or 'avg', got {global_pool!r}")
             self.global_pool = global_pool
         self.num_classes = num_classes
-        device = self.pos_embed.device
-        self.head = nn.Linear(self.embed_dim, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        where = dict(device=self.pos_embed.device, dtype=self.pos_embed.dtype)
+        self.head = nn.Linear(self.embed_dim, num_classes, **where) if num_classes > 0 else nn.Identity()
         self.head.apply(_init_module)
         if self.head_dist is not None:
-            self.head_dist = nn.Linear(self.embed_dim, num_classes, device=device) if num_classes > 0 else nn.Identity()
+            self.head_dist = nn.Linear(self.embed_dim, num_classes, **where) if num_classes > 0 else nn.Identity()
             self.head_dist.apply(_init_module)
 
     def get_classifier(self) -> nn.Module:
@@ -158,18 +160,23 @@ class VisionTransformer(nn.Module):
         """Recompute block activations in backward: less memory, about a third more compute."""
         self.grad_checkpointing = enable
 
-    def group_matcher(self) -> dict[str, int]:
-        """Depth of every parameter for layer-wise LR decay: embeddings 0, block i -> i + 1, the rest depth + 1."""
-        depth = len(self.blocks)
-        ids = {}
-        for name, _ in self.named_parameters():
-            if name in ("cls_token", "dist_token", "pos_embed") or name.startswith("patch_embed."):
-                ids[name] = 0
-            elif name.startswith("blocks."):
-                ids[name] = int(name.split(".")[1]) + 1
-            else:
-                ids[name] = depth + 1
-        return ids
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's contract: regexes that ``timm.models.group_parameters`` (and so ``timm.optim``'s layer-wise
+        LR decay) turn into layer groups: embeddings and tokens first, then one group per block, then the rest."""
+        blocks = r"^blocks\.(\d+)" if coarse else [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))]
+        return dict(stem=r"^cls_token|dist_token|reg_token|pos_embed|patch_embed|norm_pre", blocks=blocks)
+
+    def layer_ids(self, coarse: bool = False) -> dict[str, int]:
+        """Depth of every parameter, read from ``group_matcher`` exactly as timm's layer-wise LR decay reads it:
+        embeddings and tokens 0, block i -> i + 1, the final norm with the last block (``coarse``: after it,
+        with the head), then everything else (head, fc_norm).
+
+        Example:
+            >>> m = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
+            >>> ids = m.layer_ids(); ids["pos_embed"], ids["blocks.1.mlp.fc1.weight"], ids["norm.weight"], ids["head.weight"]
+            (0, 2, 2, 3)
+        """
+        return group_parameters(self, self.group_matcher(coarse), reverse=True)
 
     def _check_input(self, x: torch.Tensor) -> tuple[int, int]:
         if x.ndim != 4 or x.shape[1] != self.in_chans:

@@ -227,7 +227,7 @@ def freeze_layers(model: VisionTransformer, freeze: int | str) -> None:
     """
     if freeze in ("none", 0, "0", None):
         return
-    depth = model.group_matcher()
+    depth = model.layer_ids(coarse=True)  # the final norm stays trainable until the head is frozen too
     for name, param in model.named_parameters():
         if freeze == "backbone":
             param.requires_grad_(name.startswith(("head.", "head_dist.")))

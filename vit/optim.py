@@ -19,7 +19,7 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
         [0.0, 0.05]
     """
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    depth_of = model.group_matcher() if layer_decay is not None else {}
+    depth_of = model.layer_ids() if layer_decay is not None else {}
     max_depth = max(depth_of.values(), default=0)
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, param in model.named_parameters():
