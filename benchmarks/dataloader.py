@@ -102,7 +102,7 @@ class _AlbumentationsDataset(torch.utils.data.Dataset):
 
     def __init__(self, samples, transform):
         try:
-            from vit.data.datasets import FileDataset
+            from vit.data.folder import FileDataset
             self.inner = FileDataset(samples, transform=transform)
         except ImportError:
             self.inner = None

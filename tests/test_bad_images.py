@@ -10,8 +10,8 @@ from PIL import Image
 
 from conftest import write_image_folder
 from vit.data import ImageDataModule, load_image
-from vit.data.datasets import BadImageError, FileDataset
-from vit.data.scan import check_image
+from vit.data.folder import FileDataset
+from vit.data.images import BadImageError, check_image
 
 
 @pytest.fixture(autouse=True)
@@ -135,11 +135,11 @@ def test_decompression_bomb_is_a_clear_reason(tmp_path, monkeypatch):
 
 
 def test_scan_is_cached_per_folder(tmp_path, monkeypatch):
-    import vit.data.scan as scan
+    import vit.data.folder as folder
     root = write_image_folder(tmp_path / "images", per_class=3)
     calls = []
-    real = scan.check_image
-    monkeypatch.setattr(scan, "check_image", lambda p: calls.append(p) or real(p))
+    real = folder.check_image
+    monkeypatch.setattr(folder, "check_image", lambda p: calls.append(p) or real(p))
     ImageDataModule("imagefolder", root=str(root)).setup("fit")
     assert len(calls) == 12
     ImageDataModule("imagefolder", root=str(root)).setup("fit")

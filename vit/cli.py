@@ -164,7 +164,7 @@ def _clean_error(err: Exception) -> str | None:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     from .checkpoints import CheckpointError
-    from .data.datasets import BadImageError
+    from .data.images import BadImageError
     from .module import ClassMismatchError, NonFiniteLossError
     known = (BadImageError, NonFiniteLossError, ClassMismatchError, CheckpointError, TrainingInterrupted)
     text = str(err)

@@ -1,6 +1,6 @@
 """Data: datasets, albumentations transforms and the Lightning data module."""
 from .datamodule import ImageDataModule
-from .datasets import load_image
+from .images import BadImageError, load_image
 from .transforms import eval_transform, train_transform
 
-__all__ = ["ImageDataModule", "eval_transform", "load_image", "train_transform"]
+__all__ = ["BadImageError", "ImageDataModule", "eval_transform", "load_image", "train_transform"]

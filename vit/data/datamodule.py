@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .datasets import (CIFAR10_CLASSES, DIGITS_CLASSES, IMAGE_EXTENSIONS, ArrayDataset, FileDataset, find_classes,
-                       load_digits_arrays, scan_image_folder)
-from .datasets import scan_image_folder as _scan
+from .datasets import CIFAR10_CLASSES, DIGITS_CLASSES, ArrayDataset, load_digits_arrays
+from .folder import FileDataset, find_classes, list_images
+from .folder import scan_image_folder as _scan
 from .sampling import EpochSampler
 from .transforms import (AUGMENT_PRESETS, IMAGENET_MEAN, IMAGENET_STD, eval_transform, match_channels,
                          train_transform)
@@ -250,31 +250,6 @@ class ImageDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.predict_set, shuffle=False)
-
-
-def list_images(source: str | Sequence[str]) -> list[str]:
-    """Image files from a folder (recursive, sorted; hidden entries skipped), one image file, a ``.txt`` file with
-    one path per line (relative to the list's folder), or a list of any of these.
-
-    Example:
-        >>> list_images([])
-        []
-    """
-    if not isinstance(source, (str, os.PathLike)):
-        return [f for item in source for f in list_images(item)]
-    path = Path(source).expanduser()
-    if path.is_dir():
-        files = [p for p in sorted(path.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                 and not any(part.startswith(".") for part in p.relative_to(path).parts)]
-        if not files:
-            raise ValueError(f"data.predict_path: no image files under {path}")
-        return [str(p) for p in files]
-    if path.suffix.lower() == ".txt" and path.is_file():
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-        return [str(path.parent / line) for line in lines if line and not line.startswith("#")]
-    if not path.is_file():
-        raise FileNotFoundError(f"data.predict_path: {path} does not exist")
-    return [str(path)]
 
 
 def _check_args(*, dataset, root, img_size, batch_size, num_workers, val_fraction, test_fraction, in_chans, augment,
