@@ -5,17 +5,37 @@ import math
 from typing import Any
 
 import torch
-from timm.layers import trunc_normal_
+from timm.layers import to_2tuple, trunc_normal_
 from timm.models import group_parameters
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import Block, PatchEmbed, _pair
+from .layers import Block, PatchEmbed
 from .pos_embed import resample_pos_embed
 
 
 class VisionTransformer(nn.Module):
     """ViT (Dosovitskiy et al. 2021) / DeiT (Touvron et al. 2021) with timm's parameter names.
+
+    Args:
+        img_size: input image size, an int for square images or (height, width); divisible by patch_size.
+        patch_size: side of the square patches the image is cut into (one token per patch).
+        in_chans: number of input image channels.
+        num_classes: outputs of the linear head; 0 = no head (the model returns the pooled features).
+        embed_dim: token width (the transformer's hidden size); divisible by num_heads.
+        depth: number of transformer blocks.
+        num_heads: attention heads per block.
+        mlp_ratio: hidden width of each block's MLP as a multiple of embed_dim.
+        qkv_bias: give the query/key/value projection a bias.
+        drop_rate: dropout after the position embeddings, on each block's attention and MLP output, before the head.
+        attn_drop_rate: dropout on the attention weights.
+        drop_path_rate: stochastic depth of the last block, rising linearly from 0 at the first block.
+        global_pool: what the head reads: "token" (the class token) or "avg" (the mean of the patch tokens).
+        class_token: prepend a learned class token (required by global_pool "token" and by distilled).
+        distilled: add DeiT's distillation token and second head; logits are the mean of both heads.
+        fc_norm: final LayerNorm after pooling instead of on all tokens; None = only for global_pool "avg" (timm).
+        norm_eps: epsilon of every LayerNorm.
+        dynamic_img_size: accept any input size divisible by patch_size, resampling position embeddings per call.
 
     Example:
         >>> model = VisionTransformer(img_size=32, patch_size=4, num_classes=10, embed_dim=64, depth=2, num_heads=2)
@@ -30,7 +50,7 @@ class VisionTransformer(nn.Module):
                  class_token: bool = True, distilled: bool = False, fc_norm: bool | None = None,
                  norm_eps: float = 1e-6, dynamic_img_size: bool = False):
         super().__init__()
-        img_size = _pair(img_size)
+        img_size = to_2tuple(img_size)
         _validate(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
                   embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, drop_rate=drop_rate,
                   attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate, global_pool=global_pool,

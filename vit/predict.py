@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 
 from .checkpoints import CheckpointError, load_pretrained
 from .model import VisionTransformer
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def load_model(checkpoint: str) -> VisionTransformer:
@@ -31,7 +30,13 @@ def preprocess(model: VisionTransformer, paths: Sequence[str | Path]) -> torch.T
     """Images -> (B, C, H, W) the way the model was evaluated: resize + center crop to its size, its mean/std.
 
     Example:
-        >>> x = preprocess(load_model("my_vit/"), ["cat.jpg"])  # doctest: +SKIP
+        >>> import tempfile
+        >>> from PIL import Image
+        >>> model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=2)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     Image.new("RGB", (64, 48)).save(f"{tmp}/cat.png")
+        ...     preprocess(model, [f"{tmp}/cat.png"]).shape
+        torch.Size([1, 3, 32, 32])
     """
     from .data import eval_transform, load_image
     from .data.transforms import match_channels
@@ -55,7 +60,7 @@ def predict(model: VisionTransformer, paths: Sequence[str | Path], topk: int = 5
 
     Example:
         >>> predict(load_model("runs/vit/version_0/checkpoints/last.ckpt"), ["cat.jpg"], topk=2)  # doctest: +SKIP
-        [[('cat', 0.93), ('dog', 0.05)]]
+        [[('cat', 0.93...), ('dog', 0.05...)]]
     """
     results = []
     for start in range(0, len(paths), batch_size):

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 
 import torch
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 HALF = (0.5, 0.5, 0.5)  # Google ViT / AugReg / big_vision, Hugging Face ViT
 
 

@@ -6,9 +6,8 @@ from typing import Sequence
 import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 AUGMENT_PRESETS = ("none", "light", "strong")
 
 
