@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import assert_matches_reference, randomize_
 from safetensors.torch import save_file
 
 import vit
@@ -51,20 +52,20 @@ def _x(size=32):
 
 def test_hf_hub_and_timm_names_load_from_the_offline_cache(offline_cache):
     torch.manual_seed(0)
-    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, **SMALL).eval()
+    reference = randomize_(timm.create_model("vit_tiny_patch16_224", pretrained=False, **SMALL)).eval()
     _put_in_cache(offline_cache, REPO, _timm_hub_files(reference))
     for name in (f"hf-hub:{REPO}", "timm:vit_tiny_patch16_224.augreg_in21k_ft_in1k"):
-        model = vit.load_pretrained(name).eval()  # heads and sizes come from timm's config.json
-        with torch.no_grad():
-            assert (model(_x()) - reference(_x())).abs().max() <= 1e-4
+        model = vit.load_pretrained(name)  # heads and sizes come from timm's config.json
+        assert_matches_reference(model, reference, _x())
         assert model.pretrained_cfg["source"] == name and model.pretrained_cfg["mean"] == [0.5, 0.5, 0.5]
 
 
 def test_hf_hub_transformers_repo_from_the_offline_cache(offline_cache):
     from transformers import ViTConfig, ViTForImageClassification
     torch.manual_seed(0)
-    reference = ViTForImageClassification(ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                                    intermediate_size=128, image_size=32, patch_size=8)).eval()
+    reference = randomize_(ViTForImageClassification(ViTConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32,
+        patch_size=8))).eval()
     saved = offline_cache.parent / "hf_saved"
     reference.save_pretrained(saved)
     preprocessor = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 2}
@@ -72,9 +73,8 @@ def test_hf_hub_transformers_repo_from_the_offline_cache(offline_cache):
         "model.safetensors": lambda p: p.write_bytes((saved / "model.safetensors").read_bytes()),
         "config.json": lambda p: p.write_bytes((saved / "config.json").read_bytes()),
         "preprocessor_config.json": lambda p: p.write_text(json.dumps(preprocessor))})
-    model = vit.load_pretrained("hf-hub:google/vit-tiny-test").eval()
-    with torch.no_grad():
-        assert (model(_x()) - reference(pixel_values=_x()).logits).abs().max() <= 1e-4
+    model = vit.load_pretrained("hf-hub:google/vit-tiny-test")
+    assert_matches_reference(model, reference, _x())
     assert model.pretrained_cfg["interpolation"] == "bilinear"
 
 
@@ -136,6 +136,10 @@ def test_cli_converts_each_source(tmp_path, capsys):
         model = vit.load_pretrained(out)
         assert model.img_size == (48, 48) and model.num_classes == 3
         assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+    # a bare state dict of a non-standard width (64) without --num-heads: refused, and told how to pass it
+    assert main([str(tmp_path / "timm.pth"), str(tmp_path / "out_no_heads")]) == 2
+    err = capsys.readouterr().err
+    assert "number of attention heads" in err and "--num-heads N" in err
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # runpy: vit.convert is already imported

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 import zipfile
 
 import numpy as np
@@ -55,6 +56,90 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path, zip_format):
     torch.save({"x": Payload(control)}, tmp_path / "control.pth")
     torch.load(tmp_path / "control.pth", weights_only=False)
     assert control.exists()
+
+
+@pytest.fixture(scope="module")
+def lightning_ckpt(tmp_path_factory):
+    """A real checkpoint, written by Lightning's Trainer after one training step of a tiny ImageClassifier."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from vit.module import ImageClassifier
+    root = tmp_path_factory.mktemp("lightning")
+    torch.manual_seed(0)
+    module = ImageClassifier(num_classes=4, img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    data = DataLoader(TensorDataset(torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))), batch_size=4)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
+    trainer.fit(module, train_dataloaders=data)
+    trainer.save_checkpoint(root / "real.ckpt")
+    return root / "real.ckpt"
+
+
+# torch.load(weights_only=True) stops at the payload's global (open pickles as io.open) before calling it
+REFUSED_BY_TORCH = r"(?s)Weights only load failed.*Unsupported global: GLOBAL io\.open"
+
+
+def _poisoned(lightning_ckpt, tmp_path):
+    """The real checkpoint with a payload among its hyper-parameters; (path, marker the payload would create)."""
+    marker = tmp_path / "payload_ran"
+    checkpoint = torch.load(lightning_ckpt, weights_only=True)
+    assert {"state_dict", "hyper_parameters", "optimizer_states", "pytorch-lightning_version"} <= set(checkpoint)
+    checkpoint["hyper_parameters"]["note"] = Payload(marker)
+    path = tmp_path / "evil.ckpt"
+    torch.save(checkpoint, path)
+    return path, marker
+
+
+def test_lightning_checkpoint_with_a_payload_is_refused_by_load_pretrained(lightning_ckpt, tmp_path):
+    assert vit.load_pretrained(lightning_ckpt).num_classes == 4  # control: the clean checkpoint loads
+    path, marker = _poisoned(lightning_ckpt, tmp_path)
+    with pytest.raises(CheckpointError, match=r"refused to load.*\(io\.open\)") as info:
+        vit.load_pretrained(path)
+    assert str(path) in str(info.value) and not marker.exists()
+    torch.load(path, weights_only=False)  # control: the payload is real
+    assert marker.exists()
+
+
+def test_lightning_checkpoint_with_a_payload_is_refused_by_train_py(lightning_ckpt, tmp_path, monkeypatch, capsys):
+    from vit.cli import DEFAULT_CONFIG, main
+    path, marker = _poisoned(lightning_ckpt, tmp_path)
+    monkeypatch.chdir(tmp_path)  # runs/ goes here
+    args = ["fit", "--config", str(DEFAULT_CONFIG), "--trainer.max_epochs", "1", "--trainer.limit_train_batches",
+            "1", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.accelerator", "cpu", "--model.embed_dim", "32", "--model.depth", "1", "--model.num_heads", "2",
+            "--data.img_size", "16", "--ckpt_path", str(path)]
+    # Two locks, each enough: LightningCLI reads the checkpoint's hyper-parameters with weights_only=True before
+    # building anything, and our CLI hands Trainer.fit weights_only=True.
+    with pytest.raises(SystemExit) as stop:
+        main(args)  # `python train.py fit ... --ckpt_path evil.ckpt`, in-process
+    assert stop.value.code != 0 and not marker.exists()
+    err = capsys.readouterr().err  # one clear line, not a traceback
+    assert "error: refused to load the checkpoint: it holds pickled Python objects" in err
+    assert "Unsupported global: GLOBAL io.open" in err and "Traceback" not in err
+
+
+def test_lightning_checkpoint_with_a_payload_is_refused_by_load_from_checkpoint(lightning_ckpt, tmp_path,
+                                                                                monkeypatch):
+    from vit.module import ImageClassifier
+    assert ImageClassifier.load_from_checkpoint(lightning_ckpt).model.num_classes == 4  # control
+    path, marker = _poisoned(lightning_ckpt, tmp_path)
+    # refused by our default, not only by torch's (which this switches off)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(pickle.UnpicklingError, match=REFUSED_BY_TORCH):
+        ImageClassifier.load_from_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_npz_with_an_object_array_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "payload_ran"
+    arrays = vit.export_state_dict(vit.load_pretrained(_state_dict(), model={"num_heads": 2}), "npz")
+    np.savez(tmp_path / "evil.npz", **arrays, extra=np.array([Payload(marker)], dtype=object))
+    with pytest.raises(CheckpointError, match=r"refused to load: array 'extra' holds pickled Python objects") as info:
+        vit.load_pretrained(tmp_path / "evil.npz")
+    assert str(tmp_path / "evil.npz") in str(info.value) and not marker.exists()
+    np.load(tmp_path / "evil.npz", allow_pickle=True)["extra"]  # control: the payload is real
+    assert marker.exists()
 
 
 def _valid_files(tmp_path):

@@ -54,44 +54,195 @@ def test_bad_config_value_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert "data.dataset" in message
 
 
+def test_default_root_dir_holds_the_whole_run_and_its_resume(tmp_path, monkeypatch, capsys):
+    cwd, root = tmp_path / "cwd", tmp_path / "root"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    app = main(["fit", "--config", str(DEFAULT_CONFIG), *QUICK, "--trainer.default_root_dir", str(root)])
+    run_dir = root / "vit" / "version_0"
+    assert Path(app.trainer.log_dir).resolve() == run_dir
+    for name in ("config.yaml", "hparams.yaml", "metrics.csv", "checkpoints/last.ckpt"):
+        assert (run_dir / name).is_file(), name
+    assert list(run_dir.glob("events.out.tfevents*"))  # TensorBoard and CSV share one version_N
+    assert list(cwd.iterdir()) == []  # nothing in the current directory, no runs/
+
+    # --ckpt_path last finds last.ckpt under the root this command was given, and the resume is version_1
+    last = run_dir / "checkpoints" / "last.ckpt"
+    app = main(["fit", "--config", str(DEFAULT_CONFIG), *QUICK, "--trainer.max_epochs", "2",
+                "--trainer.default_root_dir", str(root), "--ckpt_path", "last"])
+    assert Path(app.trainer.ckpt_path).resolve() == last and app.trainer.current_epoch == 2
+    assert (root / "vit" / "version_1" / "checkpoints" / "last.ckpt").is_file()
+    assert list(cwd.iterdir()) == []
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # a root without checkpoints is named in the error
+        main(["fit", "--config", str(DEFAULT_CONFIG), *QUICK, "--trainer.default_root_dir", str(tmp_path / "empty"),
+              "--ckpt_path", "last"])
+    assert str(tmp_path / "empty") in capsys.readouterr().err
+
+
+def test_precision_auto_is_bf16_only_where_the_hardware_runs_it_natively(monkeypatch):
+    import torch
+
+    from vit.cli import resolve_precision
+
+    def hardware(cuda=False, cuda_bf16=False, avx512_bf16=False, amx=False):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: cuda_bf16)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: avx512_bf16 or amx)
+
+    hardware(cuda=True, cuda_bf16=True)
+    assert resolve_precision("auto") == resolve_precision("gpu") == resolve_precision("cuda") == "bf16-mixed"
+    assert resolve_precision("cpu") == "32-true"  # the GPU's bf16 says nothing about the CPU
+    hardware(cuda=True, cuda_bf16=False)  # e.g. V100, T4: bf16 only emulated
+    assert resolve_precision("auto") == resolve_precision("gpu") == "32-true"
+    hardware()  # AVX2-only CPU: bf16 matmuls are emulated, many times slower than fp32
+    assert resolve_precision("auto") == resolve_precision("cpu") == "32-true"
+    hardware(avx512_bf16=True)
+    assert resolve_precision("auto") == resolve_precision("cpu") == "bf16-mixed"
+    hardware(amx=True)
+    assert resolve_precision("cpu") == "bf16-mixed"
+
+
+@pytest.mark.parametrize("recipe", ["cifar10.yaml", "finetune/full.yaml", "finetune/high_res.yaml",
+                                    "finetune/linear_probe.yaml"])
+def test_recipes_use_precision_auto_and_run_fp32_on_a_cpu_without_native_bf16(recipe, tmp_path, monkeypatch,
+                                                                             image_folder, capsys):
+    import torch
+    import yaml
+
+    path = DEFAULT_CONFIG.parent / recipe
+    assert yaml.safe_load(path.read_text())["trainer"]["precision"] == "auto"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    app = cli(["--config", str(path), "--data.dataset", "imagefolder", "--data.root", str(image_folder),
+               "--data.img_size", "32", "--model.arch", "null", "--model.patch_size", "8", "--model.embed_dim", "32",
+               "--model.depth", "1", "--model.num_heads", "2", "--model.freeze", "none"], run=False)
+    assert app.trainer.precision == "32-true"
+    assert capsys.readouterr().out.count("precision auto -> 32-true") == 1  # said once, at the start
+    assert app.config["trainer"]["precision"] == "auto"  # config.yaml keeps "auto": a rerun resolves again
+
+
+@pytest.mark.slow  # the default recipe for one epoch, in a fresh interpreter: about a minute
+def test_default_run_on_a_fresh_clone_prints_no_warnings(tmp_path):
+    """`python train.py` in an empty directory: stderr has no Python warning (jsonargparse's, Lightning's, torch's).
+    Lightning prints its own warnings as `file.py:LINE: message`, without the category, so both forms are checked."""
+    import re
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    env["OMP_NUM_THREADS"] = os.environ.get("VIT_TEST_THREADS", "2")
+    train = Path(__file__).resolve().parent.parent / "train.py"
+    proc = subprocess.run([sys.executable, str(train), "--trainer.max_epochs", "1"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "digits test accuracy:" in proc.stdout
+    noisy = [line for line in proc.stderr.splitlines()
+             if "warn" in line.lower() or re.search(r"\.py:\d+: ", line)]
+    assert noisy == [], "\n".join(noisy)
+
+
 DDP_SCRIPT = textwrap.dedent("""
-    import json, os, sys
+    import hashlib, json, os, sys
     import lightning as L
     import torch
+    from torch.utils.data import Dataset
     from vit.data import ImageDataModule
+    from vit.data.sampling import split_index
     from vit.module import ImageClassifier
 
+    class Seen(Dataset):
+        # the training split, noting which of its samples this process loads (num_workers=0: in this process)
+        def __init__(self, inner):
+            self.inner, self.loaded = inner, []
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __getitem__(self, item):
+            self.loaded.append(split_index(item)[0])
+            return self.inner[item]
+
+    class Data(ImageDataModule):
+        def setup(self, stage=None):
+            super().setup(stage)
+            if not isinstance(self.train_set, Seen):
+                self.train_set = Seen(self.train_set)
+
     class Record(L.Callback):
+        # per rank: the sample indices and a hash of the images of each training batch, and the final weights
+        def __init__(self):
+            self.batches = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            data = trainer.datamodule.train_set
+            images, labels = batch
+            self.batches.append({"indices": list(data.loaded), "labels": labels.tolist(),
+                                 "labels_of_indices": [int(data.inner.labels[data.inner.indices[i]])
+                                                       for i in data.loaded],
+                                 "sha1": hashlib.sha1(images.numpy().tobytes()).hexdigest()})
+            data.loaded.clear()
+
         def on_fit_end(self, trainer, module):
-            flat = torch.cat([p.detach().flatten() for p in module.parameters()])
-            out = {"rank": trainer.global_rank, "world": trainer.world_size, "step": trainer.global_step,
-                   "checksum": float(flat.double().sum()), "val_acc": float(trainer.callback_metrics["val/acc"]),
-                   "n_train": len(trainer.train_dataloader.sampler) if hasattr(trainer.train_dataloader, "sampler") else -1}
-            with open(os.path.join(sys.argv[1], f"rank{trainer.global_rank}.json"), "w") as f:
+            rank = trainer.global_rank
+            torch.save(torch.cat([p.detach().flatten() for p in module.parameters()]),
+                       os.path.join(sys.argv[1], f"weights{rank}.pt"))
+            out = {"rank": rank, "world": trainer.world_size, "step": trainer.global_step,
+                   "val_acc": float(trainer.callback_metrics["val/acc"]), "batches": self.batches,
+                   "n_train": len(trainer.datamodule.train_set),
+                   "sampler": type(trainer.train_dataloader.sampler).__name__}
+            with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
                 json.dump(out, f)
 
     if __name__ == "__main__":
         L.seed_everything(0)
-        dm = ImageDataModule("digits", img_size=16, batch_size=16)
+        torch.save(torch.cat([p.detach().flatten() for p in ImageClassifier(
+            num_classes=10, img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2).parameters()]),
+            os.path.join(sys.argv[1], "weights_init.pt"))
+        L.seed_everything(0)
+        # a whole epoch (1,258 training digits, 629 per rank = 10 batches of 64), so coverage can be checked
+        dm = Data("digits", img_size=16, batch_size=64)
         module = ImageClassifier(num_classes=10, img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
-        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=4,
-                            limit_val_batches=3, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, callbacks=[Record()])
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_val_batches=3,
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=[Record()])
         trainer.fit(module, datamodule=dm)
 """)
 
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_train_in_sync(tmp_path):
+    import json
+
+    import torch
+
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    import json
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world"] == 2 for r in ranks)
-    assert ranks[0]["step"] == ranks[1]["step"] == 4  # both ranks took every optimizer step
-    assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-6)  # gradients were all-reduced
+    assert all(r["sampler"] == "DistributedSamplerWrapper" for r in ranks)  # Lightning sharded our EpochSampler
+    n = ranks[0]["n_train"]
+    assert n == ranks[1]["n_train"] == 1258
+    assert ranks[0]["step"] == ranks[1]["step"] == 10  # both ranks took every optimizer step
+
+    # the ranks load different samples: disjoint halves that together are the whole epoch, each sample once
+    seen = [[i for b in r["batches"] for i in b["indices"]] for r in ranks]
+    assert all(b["labels_of_indices"] == b["labels"] for r in ranks for b in r["batches"])  # indices are the batch's
+    assert len(seen[0]) == len(seen[1]) == n // 2 and len(set(seen[0])) == len(set(seen[1])) == n // 2
+    assert not set(seen[0]) & set(seen[1])
+    assert set(seen[0]) | set(seen[1]) == set(range(n))
+    hashes = [{b["sha1"] for b in r["batches"]} for r in ranks]
+    assert len(hashes[0]) == len(hashes[1]) == 10 and not hashes[0] & hashes[1]  # no batch is the same
+
+    # ...yet their weights are identical and have moved: every step applied the gradient averaged over both ranks
+    weights = [torch.load(tmp_path / f"weights{r}.pt", weights_only=True) for r in (0, 1)]
+    assert torch.equal(weights[0], weights[1])
+    assert not torch.allclose(weights[0], torch.load(tmp_path / "weights_init.pt", weights_only=True))
     assert ranks[0]["val_acc"] == ranks[1]["val_acc"]  # metric synced across ranks

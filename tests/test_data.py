@@ -84,3 +84,36 @@ def test_cifar_without_files_explains_download(tmp_path):
     dm = ImageDataModule("cifar10", root=str(tmp_path), img_size=32)
     with pytest.raises(FileNotFoundError, match="data.download: true"):
         dm.setup()
+
+
+def _training_batches(dm, epochs=(0, 1)):
+    """Every training batch of the given epochs, as Lightning would draw them (``set_epoch`` before each)."""
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    batches = []
+    for epoch in epochs:
+        loader.sampler.set_epoch(epoch)
+        batches += [(images.clone(), labels.clone()) for images, labels in loader]
+    return batches
+
+
+@pytest.mark.parametrize("source", ["digits", "imagefolder"])
+def test_training_batches_do_not_depend_on_num_workers(source, tmp_path):
+    # README: "data order independent of num_workers" -- the shuffle and every augmentation draw are seeded by
+    # (seed, epoch, position), never by which worker process decodes the image.
+    if source == "digits":
+        kwargs = dict(dataset="digits", img_size=16, batch_size=128)
+    else:
+        root = write_image_folder(tmp_path / "images", classes=("a", "b", "c"), per_class=6)
+        kwargs = dict(dataset="imagefolder", root=str(root), img_size=16, batch_size=4)
+    kwargs.update(augment="strong", hflip=True, color_jitter=0.4, crop_scale=(0.3, 1.0), random_erasing=0.5, seed=3)
+    serial = _training_batches(ImageDataModule(**kwargs, num_workers=0))
+    parallel = _training_batches(ImageDataModule(**kwargs, num_workers=2))
+    assert len(serial) == len(parallel) > 2
+    for k, ((x0, y0), (x2, y2)) in enumerate(zip(serial, parallel)):
+        assert torch.equal(y0, y2), f"batch {k}: labels (order) differ"
+        assert torch.equal(x0, x2), f"batch {k}: images (augmentation) differ"
+    # and the comparison has teeth: the data are shuffled and augmented anew each epoch
+    half = len(serial) // 2
+    assert not torch.equal(serial[0][0], serial[half][0])
+    assert not all(torch.equal(a[1], b[1]) for a, b in zip(serial[:half], serial[half:]))

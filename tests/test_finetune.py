@@ -235,7 +235,7 @@ def test_explicit_data_mean_std_win_over_the_pretrained_ones(pretrained_dir, ima
     assert app.datamodule.mean == (0.1, 0.1, 0.1) and app.datamodule.std == (0.2, 0.3, 0.4)
 
 
-def test_full_recipe_trains_with_clipping_accumulation_bf16_and_early_stopping(pretrained_dir, image_folder,
+def test_full_recipe_trains_with_clipping_accumulation_auto_precision_and_early_stopping(pretrained_dir, image_folder,
                                                                                tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     app = cli(["fit", "--config", str(RECIPES / "full.yaml"), "--data.root", str(image_folder),
@@ -244,7 +244,8 @@ def test_full_recipe_trains_with_clipping_accumulation_bf16_and_early_stopping(p
                "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.accumulate_grad_batches", "2",
                "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
     trainer = app.trainer
-    assert trainer.precision == "bf16-mixed" and trainer.gradient_clip_val == 1.0
+    from vit.cli import resolve_precision
+    assert trainer.precision == resolve_precision("cpu") and trainer.gradient_clip_val == 1.0  # precision: auto
     assert trainer.accumulate_grad_batches == 2 and trainer.global_step == 4  # 16 images / 5 -> 4 batches / 2 x 2
     assert any(type(c).__name__ == "EarlyStopping" for c in trainer.callbacks)
     assert torch.isfinite(trainer.callback_metrics["val/loss"])

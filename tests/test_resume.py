@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lightning as L
@@ -100,13 +99,35 @@ def test_resume_restores_ema_weights(tmp_path):
 
 
 def _cli(cwd, *args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # the callbacks module written by the test (KillAt) is importable from cwd
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(cwd)])}
     cmd = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs" / "digits.yaml"),
            "--trainer.max_epochs", "4", "--trainer.limit_train_batches", "6", "--trainer.limit_val_batches", "2",
            "--trainer.enable_progress_bar", "false", "--trainer.deterministic", "true", "--trainer.accelerator",
            "cpu", "--model.embed_dim", "32", "--model.depth", "1", "--model.num_heads", "2", "--model.drop_rate",
-           "0.1", "--data.img_size", "16", *args]
+           "0.1", "--data.img_size", "16",
+           # save points inside epochs too: last.ckpt every 4 steps (6 per epoch: mid-epoch at steps 4, 8, 16, 20)
+           "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps=4",
+           "--trainer.callbacks.save_last=true", "--trainer.callbacks.save_top_k=0", *args]
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+KILL_AT = """
+import os, signal
+from lightning.pytorch.callbacks import Callback
+
+
+class KillAt(Callback):
+    \"\"\"SIGKILLs its own process once `step` optimizer steps are done, like a node lost without warning: no
+    handler runs, nothing is saved; only what is already on disk survives.\"\"\"
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+"""
 
 
 def _final_weights(cwd):
@@ -116,20 +137,27 @@ def _final_weights(cwd):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "kill_at.py").write_text(KILL_AT)
     full = _cli(tmp_path / "a")
-    victim = _cli(tmp_path / "b")
-    deadline = time.time() + 240
-    while not list((tmp_path / "b" / "runs").rglob("last.ckpt")) and victim.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)  # no chance to clean up: only what is on disk survives
-    victim.wait()
-    assert victim.returncode == -signal.SIGKILL, victim.stdout.read()[-2000:]
+    # killed after step 9, in the middle of epoch 1 (steps 7-12); the last save point was step 8, so step 9 is lost
+    victim = _cli(tmp_path / "b", "--trainer.callbacks+=kill_at.KillAt", "--trainer.callbacks.step=9")
+    out_victim = victim.communicate(timeout=300)[0]
+    assert victim.returncode == -signal.SIGKILL, out_victim[-3000:]
+    # what survived on disk: a checkpoint from the middle of epoch 1, 2 of its 6 batches done
+    (survivor,) = list((tmp_path / "b" / "runs").rglob("last.ckpt"))
+    saved = torch.load(survivor, weights_only=True)
+    assert saved["global_step"] == 8 and saved["epoch"] == 1
+    assert saved["ImageDataModule"] == {"epoch": 1, "batches_done": 2}
+
     resumed = _cli(tmp_path / "b", "--ckpt_path", "last")
     out_resumed, out_full = resumed.communicate(timeout=300)[0], full.communicate(timeout=300)[0]
     assert resumed.returncode == 0 and full.returncode == 0, out_resumed[-3000:] + out_full[-3000:]
-    assert "resumed from" in out_resumed
+    message = out_resumed[out_resumed.index("resumed from"):].splitlines()
+    assert str(survivor.relative_to(tmp_path / "b")) in message[0], message[:2]  # found by --ckpt_path last
+    assert "epoch 1, global step 8" in message[0], message[:2]
+    assert "data position" in message[1] and "RNG states" in message[1], message[:2]
     (ref, ref_step), (got, step) = _final_weights(tmp_path / "a"), _final_weights(tmp_path / "b")
     assert step == ref_step == 24
     for name in ref:

@@ -92,8 +92,9 @@ def per_class_metrics(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     """(precision, recall, F1, support) per class from a confusion matrix with rows = true, columns = predicted.
 
     Example:
-        >>> [t.tolist() for t in per_class_metrics(torch.tensor([[3, 1], [0, 2]]))[:2]]
-        [[1.0, 0.6666666865348999], [0.75, 1.0]]
+        >>> precision, recall, f1, support = per_class_metrics(torch.tensor([[3, 1], [0, 2]]))
+        >>> precision, recall, support
+        (tensor([1.0000, 0.6667]), tensor([0.7500, 1.0000]), tensor([4, 2]))
     """
     matrix = matrix.double()
     tp = matrix.diag()

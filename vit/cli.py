@@ -2,19 +2,30 @@
 from __future__ import annotations
 
 import os
+import pickle
+import platform
 import sys
 import time
+import warnings
 from pathlib import Path
+from typing import Literal, get_type_hints
 
+import torch
+from jsonargparse import Namespace
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 
 from .data import ImageDataModule
 from .module import ImageClassifier
 from .resume import AtomicCheckpointIO, LastCheckpoint, ResumeState, SaveOnSignal, TrainingInterrupted, find_last_checkpoint
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
+DEFAULT_ROOT = "runs"  # trainer.default_root_dir unless given: logs, checkpoints, config.yaml, --ckpt_path last
+RUN_NAME = "vit"  # runs are <root>/vit/version_N
 
 
 class VitCLI(LightningCLI):
@@ -57,11 +68,14 @@ class VitCLI(LightningCLI):
         if config.get("weights_only", False) is None:
             config["weights_only"] = True  # our checkpoints hold tensors and plain values only
         if config.get("ckpt_path") == "last":
-            # A new run writes to a new version_N, so Lightning's own "last" would find nothing there.
-            last = find_last_checkpoint("runs")
+            # A new run writes to a new version_N, so Lightning's own "last" would find nothing there: search the
+            # run root this command was given instead.
+            root = run_root(config["trainer"].get("default_root_dir"))
+            last = find_last_checkpoint(root)
             if last is None:
-                raise ValueError("--ckpt_path last: no runs/**/last.ckpt found (start without --ckpt_path, or "
-                                 "pass the checkpoint's path)")
+                raise ValueError(f"--ckpt_path last: no last.ckpt found under {root} (trainer.default_root_dir); "
+                                 "start without --ckpt_path, pass the run's --trainer.default_root_dir, or pass "
+                                 "the checkpoint's path")
             config["ckpt_path"] = str(last)
         check_devices(config["trainer"].get("accelerator"), config["trainer"].get("devices"))
 
@@ -69,23 +83,38 @@ class VitCLI(LightningCLI):
         VitCLI.phase = "run"
         return super()._run_subcommand(subcommand)
 
+    def parse_arguments(self, parser, args) -> None:
+        # Lightning warns when `args` and sys.argv are both given; main() builds `args` from sys.argv itself (the
+        # default run puts `fit --config digits.yaml` in front), so that caution does not apply here.
+        self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
+
     def instantiate_trainer(self, **kwargs):
+        config = self._subcommand_config(self.config_init)["trainer"]
         # `--trainer.enable_progress_bar false` should just work, not clash with the default rich bar.
-        config = self._subcommand_config(self.config_init)
-        if config["trainer"].get("enable_progress_bar") is False:
+        if config.get("enable_progress_bar") is False:
             self.trainer_defaults["callbacks"] = [c for c in self.trainer_defaults.get("callbacks", [])
                                                   if not isinstance(c, RichProgressBar)]
             callbacks = kwargs.get("callbacks")
             if callbacks:
                 kwargs["callbacks"] = [c for c in callbacks if not isinstance(c, RichProgressBar)]
+        # Loggers and the checkpoint plugin are objects, built here rather than given as trainer defaults: the
+        # loggers need the parsed run root, and objects in the parser's defaults cannot be written to config.yaml.
+        if config.get("logger") in (None, True):  # not configured: TensorBoard + CSV under the run root
+            kwargs.setdefault("logger", default_loggers(run_root(config.get("default_root_dir"))))
+        plugins = config.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs.setdefault("plugins", [*plugins, AtomicCheckpointIO()])  # a kill never leaves half a last.ckpt
         return super().instantiate_trainer(**kwargs)
 
 
-def trainer_defaults(run_name: str = "vit") -> dict:
-    """Callbacks and loggers every recipe gets unless it overrides them: best + last checkpoints on
-    val accuracy, LR monitor, rich progress bar, TensorBoard + CSV logs under ``runs/<run_name>/version_N``."""
-    version = _next_version(Path("runs") / run_name)
+def trainer_defaults() -> dict:
+    """What every recipe gets unless it overrides it: the run root ``runs/`` (``trainer.default_root_dir``), and
+    callbacks: best + last checkpoints on val accuracy, LR monitor, rich progress bar, exact resume, save on
+    SIGTERM/SIGINT. ``VitCLI.instantiate_trainer`` adds the loggers (``default_loggers``) and ``AtomicCheckpointIO``.
+    """
     return {
+        "default_root_dir": DEFAULT_ROOT,
         "callbacks": [
             LastCheckpoint(monitor="val/acc", mode="max", save_last=True, auto_insert_metric_name=False,
                             filename="epoch{epoch:03d}-acc{val/acc:.4f}"),
@@ -94,10 +123,93 @@ def trainer_defaults(run_name: str = "vit") -> dict:
             ResumeState(),
             SaveOnSignal(),
         ],
-        "logger": [TensorBoardLogger("runs", name=run_name, version=version),
-                   CSVLogger("runs", name=run_name, version=version)],
-        "plugins": [AtomicCheckpointIO()],  # last.ckpt is replaced atomically: a kill never leaves half a file
     }
+
+
+def run_root(default_root_dir: str | os.PathLike | None) -> str:
+    """The folder a run writes everything under: ``trainer.default_root_dir`` as Lightning reads it (unset is
+    the current directory; the CLI's default is ``runs``)."""
+    return os.fspath(default_root_dir) if default_root_dir is not None else os.getcwd()
+
+
+def default_loggers(root: str | os.PathLike, name: str = RUN_NAME) -> list:
+    """CSV + TensorBoard logs in one ``<root>/<name>/version_N`` (the next free N, chosen once for both).
+
+    The CSV logger comes first: Lightning creates the loggers' folders in list order, and CSV's warns ("exists
+    and is not empty") when TensorBoard's event file is already there. The first logger's folder is also where
+    config.yaml and the checkpoints go; both loggers have the same one.
+
+    Example:
+        >>> [type(logger).__name__ for logger in default_loggers("runs")]
+        ['CSVLogger', 'TensorBoardLogger']
+    """
+    version = _next_version(Path(root) / name)
+    return [CSVLogger(root, name=name, version=version), TensorBoardLogger(root, name=name, version=version)]
+
+
+# The precisions lightning.Trainer accepts, read from its signature (so a new Lightning's list comes along).
+_TRAINER_PRECISION = get_type_hints(Trainer.__init__)["precision"]
+
+
+class VitTrainer(Trainer):
+    """``lightning.Trainer`` that also takes ``precision: auto``: bf16-mixed where the hardware runs bf16 natively,
+    else 32-true (``resolve_precision``), decided when the Trainer is built and printed once.
+
+    Args:
+        precision: as ``lightning.Trainer`` ("32-true", "bf16-mixed", "16-mixed", "64-true", ...), or "auto":
+            bf16-mixed on a CUDA GPU or CPU that runs bf16 natively, else 32-true (emulated bf16 on a CPU is many
+            times slower than fp32). config.yaml keeps "auto", so a rerun on other hardware decides again.
+
+    Example:
+        >>> trainer = VitTrainer(precision="auto", accelerator="cpu", logger=False)
+        trainer.precision auto -> ... (CPU ...)
+        >>> trainer.precision in ("bf16-mixed", "32-true")
+        True
+    """
+
+    def __init__(self, *, precision: _TRAINER_PRECISION | Literal["auto"] | None = None, **kwargs):
+        if precision == "auto":
+            precision, why = _auto_precision(kwargs.get("accelerator", "auto"))
+            if rank_zero_only.rank == 0:
+                print(f"trainer.precision auto -> {precision} ({why})", flush=True)
+        super().__init__(precision=precision, **kwargs)
+
+
+def resolve_precision(accelerator: str = "auto") -> str:
+    """What ``precision: auto`` means on this machine: ``"bf16-mixed"`` on a CUDA GPU with native bf16 (Ampere and
+    later) or a CPU with native bf16 (AVX512-BF16 or AMX on x86, BF16 on Arm), else ``"32-true"``: where bf16 is
+    emulated it is many times slower than fp32.
+
+    Example:
+        >>> resolve_precision("cpu") in ("bf16-mixed", "32-true")
+        True
+    """
+    return _auto_precision(accelerator)[0]
+
+
+def _auto_precision(accelerator) -> tuple[str, str]:
+    name = accelerator.lower() if isinstance(accelerator, str) else type(accelerator).__name__.lower()
+    if (name == "auto" or "gpu" in name or "cuda" in name) and torch.cuda.is_available():
+        try:
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # an older torch, without the including_emulation argument
+            native = torch.cuda.is_bf16_supported()
+        return ("bf16-mixed", "CUDA GPU with native bf16") if native else ("32-true", "CUDA GPU without native bf16")
+    if name == "auto" and torch.backends.mps.is_available():
+        return "32-true", "Apple MPS"
+    if name == "auto" or "cpu" in name:
+        if _cpu_has_native_bf16():
+            return "bf16-mixed", "CPU with native bf16"
+        return "32-true", "CPU without native bf16: no AVX512-BF16 or AMX, so bf16 would be emulated"
+    return "32-true", f"accelerator {accelerator}"
+
+
+def _cpu_has_native_bf16() -> bool:
+    if platform.machine().lower() in ("arm64", "aarch64"):
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # the BF16 extension on Arm
+    # oneDNN's own check also says yes for plain AVX-512, where bf16 is emulated, so ask for the instructions
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(check is not None and check() for check in checks)
 
 
 def check_devices(accelerator, devices) -> None:
@@ -134,8 +246,21 @@ def _next_version(folder: Path) -> int:
 
 
 def cli(args: list[str] | None = None, run: bool = True) -> VitCLI:
-    return VitCLI(ImageClassifier, ImageDataModule, args=args, run=run, trainer_defaults=trainer_defaults(),
-                  save_config_kwargs={"overwrite": True}, seed_everything_default=42)
+    _ignore_library_notices()
+    return VitCLI(ImageClassifier, ImageDataModule, args=args, run=run, trainer_class=VitTrainer,
+                  trainer_defaults=trainer_defaults(), save_config_kwargs={"overwrite": True},
+                  seed_everything_default=42)
+
+
+def _ignore_library_notices() -> None:
+    """Silence the warnings that are addressed to a library's own authors, not to whoever trains, and nothing else.
+
+    Lightning 2.6's CombinedLoader (behind every Trainer loop) builds torch's ``LeafSpec``, which recent torch
+    (2.14 here) deprecates; nothing in this project or a recipe can change that, so for our users the
+    FutureWarning is a false alarm. Filtered by message and by the Lightning module that triggers it, so any
+    other warning still shows (idempotent: ``warnings`` keeps one copy of a filter)."""
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
 
 
 def main(args: list[str] | None = None) -> VitCLI | None:
@@ -168,6 +293,10 @@ def _clean_error(err: Exception) -> str | None:
     from .module import ClassMismatchError, NonFiniteLossError
     known = (BadImageError, NonFiniteLossError, ClassMismatchError, CheckpointError, TrainingInterrupted)
     text = str(err)
+    if isinstance(err, pickle.UnpicklingError):  # torch.load(weights_only=True) met a pickled object
+        refused = next((line.strip() for line in text.splitlines() if "Unsupported global" in line), text.strip())
+        return (f"refused to load the checkpoint: it holds pickled Python objects, which loading would run "
+                f"({refused}). Load only checkpoints you trust; ours hold tensors and plain values only")
     if "Caught BadImageError in DataLoader worker" in text:  # re-raised by torch with the worker's traceback
         return [line for line in text.splitlines() if "bad image" in line][-1].split("BadImageError: ")[-1]
     if isinstance(err, known) or (VitCLI.phase != "run" and isinstance(err, (ValueError, TypeError,
@@ -184,7 +313,10 @@ def run_default(extra: list[str]) -> VitCLI:
                          f"or pass a recipe: python train.py fit --config <recipe>.yaml")
     start = time.perf_counter()
     app = cli(["fit", "--config", str(DEFAULT_CONFIG), *extra])
-    results = app.trainer.test(app.model, datamodule=app.datamodule, ckpt_path="best")
+    # The best checkpoint by path: "best" makes Lightning warn about "multiple ModelCheckpoint callbacks", as it
+    # counts SaveOnSignal, a Checkpoint that only saves on a signal.
+    best = getattr(app.trainer.checkpoint_callback, "best_model_path", "") or "best"
+    results = app.trainer.test(app.model, datamodule=app.datamodule, ckpt_path=best)
     wall = time.perf_counter() - start
     acc = results[0]["test/acc"] if results else float("nan")
     if app.trainer.is_global_zero:

@@ -52,7 +52,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     the target (``os.replace`` is atomic), so a kill at any moment leaves either the old or the new complete file.
 
     Example:
-        >>> trainer = L.Trainer(plugins=[AtomicCheckpointIO()], logger=False)  # doctest: +SKIP
+        >>> trainer = L.Trainer(plugins=[AtomicCheckpointIO()], logger=False)
+        >>> type(trainer.strategy.checkpoint_io).__name__
+        'AtomicCheckpointIO'
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
@@ -236,6 +238,7 @@ class SaveOnSignal(Checkpoint):
 
 
 def find_last_checkpoint(runs: str | Path) -> Path | None:
-    """The most recently written ``last.ckpt`` under ``runs`` (``runs/<name>/version_N/checkpoints/``)."""
+    """The most recently written ``last.ckpt`` under ``runs``, a run root (``trainer.default_root_dir``, whose runs
+    keep it in ``<name>/version_N/checkpoints/``); None when there is none or the folder does not exist."""
     candidates = [p for p in Path(runs).rglob("last.ckpt") if p.is_file()]
     return max(candidates, key=lambda p: p.stat().st_mtime_ns) if candidates else None

@@ -32,6 +32,29 @@ class ImageDataModule(L.LightningDataModule):
     ``num_classes`` and ``class_names`` are known right after construction, so the CLI can link them
     into the model before anything is loaded.
 
+    Args:
+        dataset: "digits" (scikit-learn's 1,797 8x8 digits, no download), "imagefolder", "cifar10" or "cifar100".
+        root: image folder (root/train/<class>/*.jpg, optional val/ and test/, or root/<class>/*.jpg) or CIFAR folder.
+        img_size: side the images are resized and cropped to (the CLI links it to model.img_size).
+        batch_size: images per batch, for every split.
+        num_workers: DataLoader worker processes; 0 = load in the main process.
+        val_fraction: share of the training images held out for validation when there is no val/ folder.
+        test_fraction: share of the images held out for testing (digits only; CIFAR and folders have their own).
+        seed: seed of the splits, the shuffling and the augmentation.
+        in_chans: channels the images are converted to, 1 (grayscale) or 3 (the CLI links it to model.in_chans).
+        mean: normalisation mean (1 or in_chans values); None = the pretrained weights', else the dataset's.
+        std: normalisation standard deviation (1 or in_chans values); None = as for mean.
+        augment: training augmentation: "none", "light" (random resized crop, flip, colour jitter) or "strong".
+        hflip: flip training images horizontally at random.
+        crop_scale: (min, max) share of the image area kept by the training random resized crop.
+        color_jitter: brightness/contrast/saturation jitter strength for training (applied with p=0.8); 0 = off.
+        random_erasing: probability of erasing a random box of a training image.
+        crop_pct: evaluation resizes to img_size / crop_pct, then center-crops img_size.
+        download: CIFAR only: download the files when they are not under root (needs internet).
+        drop_last: drop the last, incomplete training batch.
+        predict_path: images for `predict`: a folder (searched recursively), an image, a .txt list of paths, or a list.
+        on_bad_image: unreadable image files: "skip" (warn and list them in skipped_images.tsv) or "error".
+
     Example:
         >>> dm = ImageDataModule("digits", img_size=32, batch_size=16)
         >>> dm.num_classes, dm.class_names[:3]
