@@ -45,3 +45,64 @@ def write_image_folder(root, classes=("cat", "dog"), per_class=8, size=24, split
 @pytest.fixture
 def image_folder(tmp_path):
     return write_image_folder(tmp_path / "images")
+
+
+# ---- import parity: every reference parameter random, outputs compared at every stage --------------------------
+def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.5) -> torch.nn.Module:
+    """Overwrite every parameter of ``module`` in place with seeded N(0, std) values; returns ``module``.
+
+    Libraries start some parameters at constants (torchvision: head and class token 0; timm: class token
+    at std 1e-6; all: LayerNorm 1/0, biases 0), so outputs of freshly built models cannot show that such a
+    parameter was mapped wrongly. With std 0.5 a tiny ViT's logits have a spread of a few units: finite,
+    not saturated, and every parameter moves them.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float32) * std)
+    return module
+
+
+def reference_outputs(reference: torch.nn.Module, x: torch.Tensor):
+    """(tokens after the final norm (B, N, D), pre-logits features (B, D), logits or None) of a timm,
+    torchvision or Hugging Face model, each computed by that library's own code."""
+    import timm.models.vision_transformer as timm_vit
+    import torchvision.models.vision_transformer as tv_vit
+    reference.eval()
+    with torch.no_grad():
+        if isinstance(reference, timm_vit.VisionTransformer):
+            tokens = reference.forward_features(x)
+            return tokens, reference.forward_head(tokens, pre_logits=True), reference.forward_head(tokens)
+        if isinstance(reference, tv_vit.VisionTransformer):
+            seen = []  # the encoder's output (final LayerNorm included) from torchvision's own forward
+            hook = reference.encoder.register_forward_hook(lambda module, args, out: seen.append(out))
+            try:
+                logits = reference(x)
+            finally:
+                hook.remove()
+            return seen[0], seen[0][:, 0], logits  # torchvision classifies the class token
+        # Hugging Face: the base model's last_hidden_state is after the final LayerNorm; heads read token 0 (and 1)
+        tokens = reference.base_model(pixel_values=x).last_hidden_state
+        logits = getattr(reference(pixel_values=x), "logits", None)
+        if hasattr(reference, "distillation_classifier"):  # DeiT with teacher: both tokens, as timm's contract
+            return tokens, (tokens[:, 0] + tokens[:, 1]) / 2, logits
+        return tokens, tokens[:, 0], logits
+
+
+def assert_matches_reference(ours: torch.nn.Module, reference: torch.nn.Module, x: torch.Tensor,
+                             tol: float = 1e-4, pre_logits: bool = True) -> None:
+    """Our tokens, pre-logits features and logits equal the reference library's (max abs difference <= tol)."""
+    tokens, pooled, logits = reference_outputs(reference, x)
+    ours.eval()
+    with torch.no_grad():
+        our_tokens = ours.forward_features(x)
+        pairs = {"tokens": (our_tokens, tokens)}
+        if pre_logits:
+            pairs["pre_logits"] = (ours.forward_head(our_tokens, pre_logits=True), pooled)
+        if logits is not None:
+            pairs["logits"] = (ours(x), logits)
+    for what, (a, b) in pairs.items():
+        assert a.shape == b.shape, f"{what}: ours {tuple(a.shape)} vs reference {tuple(b.shape)}"
+        assert b.std() > 1e-2, f"{what}: the reference's values are (nearly) constant; randomise its weights"
+        difference = (a - b).abs().max().item()
+        assert difference <= tol, f"{what}: max abs difference {difference:.3g} > {tol}"

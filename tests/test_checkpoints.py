@@ -1,4 +1,5 @@
-"""Checkpoint import/export against the source libraries themselves: same logits (<= 1e-4) in fp32."""
+"""Checkpoint import/export against the source libraries themselves: same tokens, pre-logits features and
+logits (<= 1e-4) in fp32, with every parameter of the source model random (``randomize_``)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import assert_matches_reference, randomize_
 from safetensors.torch import save_file
 
 import vit
@@ -20,20 +22,20 @@ SMALL = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_
 def _timm(**overrides):
     torch.manual_seed(0)
     name = overrides.pop("name", "vit_tiny_patch16_224")
-    return timm.create_model(name, pretrained=False, **{**SMALL, **overrides}).eval()
+    return randomize_(timm.create_model(name, pretrained=False, **{**SMALL, **overrides})).eval()
 
 
 def _x(height=32, width=32, seed=1):
     return torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(seed))
 
 
-def _close(ours, theirs, x):
-    ours.eval()
-    with torch.no_grad():
-        a, b = ours(x), theirs(x)
-    b = getattr(b, "logits", b)
-    assert a.shape == b.shape
-    assert (a - b).abs().max().item() <= TOL
+def _close(ours, theirs, x, pre_logits=True):
+    assert_matches_reference(ours, theirs, x, TOL, pre_logits=pre_logits)
+
+
+def _ours(**kwargs):
+    """Our model with every parameter random: the source of the export round trips."""
+    return randomize_(vit.VisionTransformer(**kwargs)).eval()
 
 
 # ---- timm and DeiT -------------------------------------------------------------------------------------------
@@ -93,6 +95,19 @@ def test_lightning_checkpoint(tmp_path):
     assert model.pretrained_cfg["class_names"] == names
 
 
+def test_lightning_checkpoint_of_a_module_with_the_default_heads(tmp_path):
+    from vit.module import ImageClassifier
+    torch.manual_seed(0)
+    # neither arch nor num_heads given: the default architecture's 12 heads, which width 96 does not tell
+    module = ImageClassifier(num_classes=10, img_size=32, patch_size=8, embed_dim=96, depth=1)
+    randomize_(module.model)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, tmp_path / "run.ckpt")
+    model = vit.load_pretrained(tmp_path / "run.ckpt").eval()
+    assert model.blocks[0].attn.num_heads == module.model.blocks[0].attn.num_heads == 12
+    with torch.no_grad():
+        assert torch.equal(model(_x()), module.model.eval()(_x()))
+
+
 def test_model_may_be_a_registered_name(tmp_path):
     torch.manual_seed(0)
     reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32).eval()
@@ -102,21 +117,37 @@ def test_model_may_be_a_registered_name(tmp_path):
     assert torch.equal(model.blocks[11].mlp.fc2.weight, reference.blocks[11].mlp.fc2.weight)
 
 
-def test_heads_are_guessed_with_a_warning(tmp_path, caplog):
-    reference = _timm(embed_dim=128, num_heads=2)  # head dim 64: the guess is right
+def test_heads_of_a_standard_width_are_guessed_with_a_warning(tmp_path, caplog):
+    reference = _timm(embed_dim=192, num_heads=3, depth=1)  # ViT-Ti's width: 3 heads, as the table says
     torch.save(reference.state_dict(), tmp_path / "w.pth")
     with caplog.at_level(logging.WARNING, logger="vit.checkpoints"):
         model = vit.load_pretrained(tmp_path / "w.pth")
-    assert "number of attention heads" in caplog.text
+    assert "number of attention heads" in caplog.text and "assuming 3" in caplog.text
+    assert model.blocks[0].attn.num_heads == 3
     _close(model, reference, _x())
 
 
+@pytest.mark.parametrize("library", ["timm", "torchvision"])
+def test_heads_of_another_width_are_not_guessed(tmp_path, library):
+    # 96 wide with 3 heads: a guess (1 head of 96) would load without complaint and give other logits
+    reference = (_timm(embed_dim=96, num_heads=3) if library == "timm"
+                 else _torchvision(hidden_dim=96, num_heads=3, mlp_dim=384))
+    torch.save(reference.state_dict(), tmp_path / "w.pth")
+    with pytest.raises(vit.CheckpointError) as info:
+        vit.load_pretrained(tmp_path / "w.pth")
+    message = str(info.value)
+    assert "w.pth" in message and "number of attention heads" in message and "embed_dim 96" in message
+    assert "model={'num_heads': N}" in message and "--num-heads" in message and "registered name" in message
+    for hints in ({"num_heads": 3}, vit.VisionTransformer(**{**SMALL, "embed_dim": 96, "num_heads": 3})):
+        _close(vit.load_pretrained(tmp_path / "w.pth", model=hints), reference, _x())
+
+
 # ---- torchvision ---------------------------------------------------------------------------------------------
-def _torchvision():
+def _torchvision(**overrides):
     from torchvision.models.vision_transformer import VisionTransformer
     torch.manual_seed(0)
-    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128,
-                             num_classes=10).eval()
+    args = dict(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128, num_classes=10)
+    return randomize_(VisionTransformer(**{**args, **overrides})).eval()
 
 
 def test_torchvision_gives_torchvision_logits(tmp_path):
@@ -129,14 +160,14 @@ def test_torchvision_gives_torchvision_logits(tmp_path):
 
 
 def test_round_trip_to_torchvision():
-    model = vit.VisionTransformer(**SMALL, mlp_ratio=2.0).eval()  # torchvision's mlp_dim=128
+    model = _ours(**SMALL, mlp_ratio=2.0)  # torchvision's mlp_dim=128
     reference = _torchvision()
     reference.load_state_dict(vit.export_state_dict(model, "torchvision"))
     _close(model, reference, _x())
 
 
 def test_round_trip_to_torchvision_without_qkv_bias():
-    model = vit.VisionTransformer(**SMALL, mlp_ratio=2.0, qkv_bias=False).eval()
+    model = _ours(**SMALL, mlp_ratio=2.0, qkv_bias=False)
     reference = _torchvision()
     reference.load_state_dict(vit.export_state_dict(model, "torchvision"))  # zero in_proj_bias
     _close(model, reference, _x())
@@ -148,7 +179,7 @@ def _hf_vit(**overrides):
     torch.manual_seed(0)
     config = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32,
                   patch_size=8, id2label={i: f"label{i}" for i in range(10)})
-    return ViTForImageClassification(ViTConfig(**{**config, **overrides})).eval()
+    return randomize_(ViTForImageClassification(ViTConfig(**{**config, **overrides}))).eval()
 
 
 @pytest.mark.parametrize("qkv_bias", [True, False])
@@ -172,22 +203,20 @@ def test_hf_in_memory_names_of_transformers_5():
 def test_hf_vit_model_without_head_gives_the_same_features(tmp_path):
     from transformers import ViTConfig, ViTModel
     torch.manual_seed(0)
-    reference = ViTModel(ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                                   image_size=32, patch_size=8)).eval()  # has a pooler, no classifier
-    reference.save_pretrained(tmp_path / "hf")
+    reference = randomize_(ViTModel(ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                              intermediate_size=128, image_size=32, patch_size=8)))
+    reference.save_pretrained(tmp_path / "hf")  # a pooler, no classifier
     model = vit.load_pretrained(tmp_path / "hf").eval()
     assert model.num_classes == 0
-    with torch.no_grad():
-        difference = model.forward_features(_x()) - reference(pixel_values=_x()).last_hidden_state
-    assert difference.abs().max() <= TOL
+    _close(model, reference, _x())  # last_hidden_state and its class token
 
 
 def test_hf_deit_with_teacher(tmp_path):
     from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
     torch.manual_seed(0)
-    reference = DeiTForImageClassificationWithTeacher(DeiTConfig(
+    reference = randomize_(DeiTForImageClassificationWithTeacher(DeiTConfig(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32,
-        patch_size=8, num_labels=10)).eval()
+        patch_size=8, num_labels=10))).eval()
     reference.save_pretrained(tmp_path / "deit")
     model = vit.load_pretrained(tmp_path / "deit")
     assert model.distilled
@@ -196,7 +225,7 @@ def test_hf_deit_with_teacher(tmp_path):
 
 def test_round_trip_to_hf(tmp_path):
     from transformers import ViTForImageClassification
-    model = vit.VisionTransformer(**SMALL, norm_eps=1e-12).eval()
+    model = _ours(**SMALL, norm_eps=1e-12)
     (tmp_path / "out").mkdir()
     save_file(vit.export_state_dict(model, "hf"), tmp_path / "out" / "model.safetensors")
     (tmp_path / "out" / "config.json").write_text(json.dumps(hf.config(architecture_of(model))))
@@ -205,7 +234,7 @@ def test_round_trip_to_hf(tmp_path):
 
 def test_round_trip_to_hf_deit(tmp_path):
     from transformers import DeiTForImageClassificationWithTeacher
-    model = vit.VisionTransformer(**SMALL, distilled=True).eval()
+    model = _ours(**SMALL, distilled=True)
     (tmp_path / "out").mkdir()
     save_file(vit.export_state_dict(model, "hf"), tmp_path / "out" / "model.safetensors")
     (tmp_path / "out" / "config.json").write_text(json.dumps(hf.config(architecture_of(model))))
@@ -214,7 +243,7 @@ def test_round_trip_to_hf_deit(tmp_path):
 
 def test_round_trip_to_timm():
     for variant in ({}, {"global_pool": "avg"}, {"distilled": True}):
-        model = vit.VisionTransformer(**SMALL, **variant).eval()
+        model = _ours(**SMALL, **variant)
         name = "deit_tiny_distilled_patch16_224" if variant.get("distilled") else "vit_tiny_patch16_224"
         reference = _timm(name=name, **{k: v for k, v in variant.items() if k != "distilled"})
         reference.load_state_dict(vit.export_state_dict(model, "timm"))

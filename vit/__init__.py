@@ -1,9 +1,11 @@
 """vit: a Vision Transformer toolkit — model, Lightning training, checkpoint import and fine-tuning."""
 from .checkpoints import CheckpointError, export_state_dict, load_pretrained, save_pretrained
+from .config import ViTConfig
+from .factory import create_model
 from .model import VisionTransformer
-from .registry import create_model, list_models
+from .registry import list_models
 
-__all__ = ["VisionTransformer", "create_model", "list_models", "load_pretrained", "save_pretrained",
+__all__ = ["VisionTransformer", "ViTConfig", "create_model", "list_models", "load_pretrained", "save_pretrained",
            "export_state_dict", "CheckpointError", "ImageClassifier", "ImageDataModule"]
 
 

@@ -6,6 +6,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, to_2tuple
 from torch import nn
 
+from .config import ViTConfig, mlp_hidden
+
 
 class PatchEmbed(nn.Module):
     """Cut an image into non-overlapping patches and project each to ``embed_dim``.
@@ -62,13 +64,26 @@ class Attention(nn.Module):
         return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
 
-class Mlp(nn.Module):
-    """Two linear layers with GELU between them."""
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): OpenAI CLIP's activation (features differ measurably from exact GELU's)."""
 
-    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def activation(name: str) -> nn.Module:
+    """The MLP activation ``ViTConfig.act_layer`` names."""
+    return {"gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+            "quick_gelu": QuickGELU, "silu": lambda: nn.SiLU()}[name]()
+
+
+class Mlp(nn.Module):
+    """Two linear layers with an activation between them."""
+
+    def __init__(self, in_features: int, hidden_features: int, act_layer: str = "gelu", drop: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU()
+        self.act = activation(act_layer)
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_features, in_features)
         self.drop2 = nn.Dropout(drop)
@@ -77,20 +92,78 @@ class Mlp(nn.Module):
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
-class Block(nn.Module):
-    """Pre-norm encoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+class SwiGLU(nn.Module):
+    """Packed SwiGLU (timm's ``SwiGLUPacked``, DINOv2 giant): ``fc1`` makes both halves, act(first) * second."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, norm_eps: float = 1e-6):
+    def __init__(self, in_features: int, hidden_features: int, act_layer: str = "silu", drop: float = 0.0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = activation(act_layer)
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_features // 2, in_features)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.fc1(x).chunk(2, dim=-1)  # (B, N, hidden) -> 2 x (B, N, hidden / 2)
+        return self.drop2(self.fc2(self.drop1(self.act(gate) * value)))
+
+
+class LayerScale(nn.Module):
+    """Per-channel learned scale of a residual branch (CaiT / DeiT III / DINOv2), starting at ``init_values``."""
+
+    def __init__(self, dim: int, init_values: float = 1e-5):
+        super().__init__()
+        self.init_values = init_values
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-norm encoder block: x + attn(norm(x)), then x + mlp(norm(x)); each branch optionally LayerScaled."""
+
+    def __init__(self, config: ViTConfig, drop_path: float = 0.0):
+        super().__init__()
+        dim, eps = config.embed_dim, config.norm_eps
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, config.num_heads, qkv_bias=config.qkv_bias, attn_drop=config.attn_drop_rate,
+                              proj_drop=config.drop_rate)
+        self.ls1 = LayerScale(dim, config.init_values) if config.init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        mlp = SwiGLU if config.mlp_layer == "swiglu" else Mlp
+        self.mlp = mlp(dim, mlp_hidden(config), act_layer=config.act_layer, drop=config.drop_rate)
+        self.ls2 = LayerScale(dim, config.init_values) if config.init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
+
+class AttentionPool(nn.Module):
+    """Multi-head attention pooling with a learned query (SigLIP's MAP head; timm's ``attn_pool`` keys):
+    the latent attends to every token, then a residual MLP. (B, N, D) -> (B, D)."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        dim = config.embed_dim
+        self.num_heads = config.num_heads
+        self.head_dim = dim // config.num_heads
+        self.latent = nn.Parameter(torch.zeros(1, 1, dim))
+        self.q = nn.Linear(dim, dim, bias=config.qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=config.qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=config.norm_eps)
+        self.mlp = Mlp(dim, mlp_hidden(config), act_layer=config.act_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q = self.q(self.latent.expand(B, -1, -1)).reshape(B, 1, self.num_heads, self.head_dim).transpose(1, 2)
+        # (B, N, 2C) -> (2, B, heads, N, C/heads)
+        k, v = self.kv(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, 1, C)
+        x = self.proj(x)
+        x = x + self.mlp(self.norm(x))
+        return x[:, 0]

@@ -1,88 +1,75 @@
 """The Vision Transformer: PatchEmbed -> [cls] + pos -> Block x depth -> norm -> head. No Lightning, no I/O."""
 from __future__ import annotations
 
-import math
-from typing import Any
+from typing import Any, Sequence
 
 import torch
-from timm.layers import to_2tuple, trunc_normal_
+from timm.layers import trunc_normal_
 from timm.models import group_parameters
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import Block, PatchEmbed
+from .config import ViTConfig
+from .layers import AttentionPool, Block, LayerScale, PatchEmbed
 from .pos_embed import resample_pos_embed
 
 
 class VisionTransformer(nn.Module):
     """ViT (Dosovitskiy et al. 2021) / DeiT (Touvron et al. 2021) with timm's parameter names.
 
+    Built from a ``ViTConfig``, or from its fields as keyword arguments (which also override a given config);
+    ``model.config`` is the exact architecture, the one ``save_pretrained`` writes.
+
     Args:
-        img_size: input image size, an int for square images or (height, width); divisible by patch_size.
-        patch_size: side of the square patches the image is cut into (one token per patch).
-        in_chans: number of input image channels.
-        num_classes: outputs of the linear head; 0 = no head (the model returns the pooled features).
-        embed_dim: token width (the transformer's hidden size); divisible by num_heads.
-        depth: number of transformer blocks.
-        num_heads: attention heads per block.
-        mlp_ratio: hidden width of each block's MLP as a multiple of embed_dim.
-        qkv_bias: give the query/key/value projection a bias.
-        drop_rate: dropout after the position embeddings, on each block's attention and MLP output, before the head.
-        attn_drop_rate: dropout on the attention weights.
-        drop_path_rate: stochastic depth of the last block, rising linearly from 0 at the first block.
-        global_pool: what the head reads: "token" (the class token) or "avg" (the mean of the patch tokens).
-        class_token: prepend a learned class token (required by global_pool "token" and by distilled).
-        distilled: add DeiT's distillation token and second head; logits are the mean of both heads.
-        fc_norm: final LayerNorm after pooling instead of on all tokens; None = only for global_pool "avg" (timm).
-        norm_eps: epsilon of every LayerNorm.
-        dynamic_img_size: accept any input size divisible by patch_size, resampling position embeddings per call.
+        config: the architecture; None = ``ViTConfig()`` (ViT-B/16 at 224 px, 1000 classes).
+        **fields: ``ViTConfig`` fields (img_size, patch_size, embed_dim, depth, num_heads, ...; see its Args).
 
     Example:
         >>> model = VisionTransformer(img_size=32, patch_size=4, num_classes=10, embed_dim=64, depth=2, num_heads=2)
         >>> model(torch.zeros(1, 3, 32, 32)).shape
         torch.Size([1, 10])
+        >>> VisionTransformer(model.config).config == model.config
+        True
     """
 
-    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
-                 num_classes: int = 1000, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
-                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0,
-                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, global_pool: str = "token",
-                 class_token: bool = True, distilled: bool = False, fc_norm: bool | None = None,
-                 norm_eps: float = 1e-6, dynamic_img_size: bool = False):
+    def __init__(self, config: ViTConfig | None = None, **fields: Any):
         super().__init__()
-        img_size = to_2tuple(img_size)
-        _validate(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
-                  embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, drop_rate=drop_rate,
-                  attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate, global_pool=global_pool,
-                  class_token=class_token, distilled=distilled)
-        self.img_size = img_size
-        self.patch_size = patch_size
-        self.in_chans = in_chans
-        self.num_classes = num_classes
-        self.embed_dim = self.num_features = embed_dim
-        self.global_pool = global_pool
-        self.distilled = distilled
-        self.dynamic_img_size = dynamic_img_size
-        self.num_prefix_tokens = int(class_token) + int(distilled)
-        self.grad_checkpointing = False
+        config = (config or ViTConfig()).replace(**fields)
         # timm's rule: average pooling normalises after pooling (fc_norm) instead of before (norm).
-        use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
+        config = self.config = config.replace(fc_norm=config.uses_fc_norm)
+        embed_dim, depth = config.embed_dim, config.depth
+        self.img_size = config.image_hw
+        self.patch_size = config.patch_size
+        self.in_chans = config.in_chans
+        self.num_classes = config.num_classes
+        self.embed_dim = self.num_features = embed_dim
+        self.global_pool = config.global_pool
+        self.distilled = config.distilled
+        self.dynamic_img_size = config.dynamic_img_size
+        self.num_prefix_tokens = config.num_prefix_tokens
+        self.grad_checkpointing = False
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
-        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + self.patch_embed.num_patches, embed_dim))
-        self.pos_drop = nn.Dropout(drop_rate)
-        drop_path = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear stochastic-depth rule
-        self.blocks = nn.Sequential(*[
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_drop=drop_rate, attn_drop=attn_drop_rate,
-                  drop_path=drop_path[i], norm_eps=norm_eps)
-            for i in range(depth)])
-        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if not use_fc_norm else nn.Identity()
+        # CLIP: the LayerNorm after the position embedding replaces the patch projection's bias
+        self.patch_embed = PatchEmbed(config.img_size, config.patch_size, config.in_chans, embed_dim,
+                                      bias=not config.pre_norm)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if config.class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, config.reg_tokens, embed_dim)) if config.reg_tokens else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if config.distilled else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_pos_prefix_tokens + self.patch_embed.num_patches,
+                                                  embed_dim))
+        self.pos_drop = nn.Dropout(config.drop_rate)
+        norm_eps, use_fc_norm, num_classes = config.norm_eps, config.fc_norm, config.num_classes
+        self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if config.pre_norm else nn.Identity()
+        # linear stochastic-depth rule
+        drop_path = [config.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.Sequential(*[Block(config, drop_path[i]) for i in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if config.final_norm and not use_fc_norm else nn.Identity()
+        self.attn_pool = AttentionPool(config) if config.global_pool == "map" else None
         self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if use_fc_norm else nn.Identity()
-        self.head_drop = nn.Dropout(drop_rate)
+        self.head_drop = nn.Dropout(config.drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.head_dist = (nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()) if distilled else None
+        self.head_dist = (nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()) \
+            if config.distilled else None
         self.init_weights()
 
     # ---- initialisation -------------------------------------------------------------------------
@@ -91,6 +78,10 @@ class VisionTransformer(nn.Module):
         trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
+        if self.attn_pool is not None:
+            trunc_normal_(self.attn_pool.latent, std=self.embed_dim ** -0.5)
         if self.dist_token is not None:
             trunc_normal_(self.dist_token, std=0.02)
         self.apply(_init_module)
@@ -99,39 +90,96 @@ class VisionTransformer(nn.Module):
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         pos_embed = self.pos_embed
         if grid != self.patch_embed.grid_size:
-            pos_embed = resample_pos_embed(pos_embed, grid, self.patch_embed.grid_size, self.num_prefix_tokens)
-        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
+            pos_embed = resample_pos_embed(pos_embed, grid, self.patch_embed.grid_size,
+                                           self.config.num_pos_prefix_tokens)
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token, self.dist_token)
+                  if t is not None]
+        if self.config.no_embed_class:  # DeiT III, DINOv2 + registers: positions for the patches only
+            x = x + pos_embed
         if prefix:
             x = torch.cat(prefix + [x], dim=1)  # (B, N, D) -> (B, prefix + N, D)
-        return self.pos_drop(x + pos_embed)
+        if not self.config.no_embed_class:
+            x = x + pos_embed
+        return self.norm_pre(self.pos_drop(x))
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> the tokens the first block reads: (B, C, H, W) -> (B, prefix + N, D)."""
+        grid = self._check_input(x)
+        return self._pos_embed(self.patch_embed(x), grid)
+
+    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """All tokens after the final norm: (B, C, H, W) -> (B, prefix + N, D)."""
-        grid = self._check_input(x)
-        x = self.patch_embed(x)
-        x = self._pos_embed(x, grid)
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            for block in self.blocks:
-                x = checkpoint(block, x, use_reentrant=False)
-        else:
-            x = self.blocks(x)
+        x = self._embed(x)
+        for block in self.blocks:
+            x = self._run_block(block, x)
         return self.norm(x)
 
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
+                              norm: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
+                              return_prefix_tokens: bool = False):
+        """Patch tokens after chosen blocks, for dense tasks (timm's contract).
+
+        ``indices``: the last N blocks (int), these block indices (negative count from the end), or all (None).
+        ``norm`` applies the final norm to each; ``output_fmt`` ``"NCHW"`` gives (B, D, H/p, W/p) maps, ``"NLC"``
+        (B, N, D) tokens; prefix tokens (class, registers) are dropped, or paired with each output when
+        ``return_prefix_tokens``. Returns ``(final tokens after the norm, intermediates)``, or only the list.
+
+        Example:
+            >>> m = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, reg_tokens=2)
+            >>> final, maps = m.forward_intermediates(torch.zeros(1, 3, 32, 32), indices=2)
+            >>> final.shape, [tuple(t.shape) for t in maps]
+            (torch.Size([1, 19, 32]), [(1, 32, 4, 4), (1, 32, 4, 4)])
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt: expected 'NCHW' or 'NLC', got {output_fmt!r}")
+        depth = len(self.blocks)
+        take = (list(range(depth - indices, depth)) if isinstance(indices, int)
+                else list(range(depth)) if indices is None else [i % depth for i in indices])
+        if any(not 0 <= i < depth for i in take) or (isinstance(indices, int) and not 0 < indices <= depth):
+            raise ValueError(f"indices: expected block indices of a {depth}-block model, got {indices!r}")
+        batch, _, height, width = x.shape
+        x = self._embed(x)
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            x = self._run_block(block, x)
+            if i in take:
+                outputs.append(self.norm(x) if norm else x)
+        prefix = [y[:, :self.num_prefix_tokens] for y in outputs]
+        outputs = [y[:, self.num_prefix_tokens:] for y in outputs]
+        if output_fmt == "NCHW":
+            rows, cols = height // self.patch_size, width // self.patch_size
+            outputs = [y.reshape(batch, rows, cols, -1).permute(0, 3, 1, 2).contiguous() for y in outputs]
+        if return_prefix_tokens:
+            outputs = list(zip(outputs, prefix))
+        return outputs if intermediates_only else (self.norm(x), outputs)
+
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, prefix + N, D) -> (B, D): the class token, or the mean of the patch tokens."""
+        """(B, prefix + N, D) -> (B, D): the class token, the mean of the patch tokens, attention pooling over the
+        patch tokens (``map``), or every token unchanged (``""``). Register tokens never enter a pool."""
+        if self.attn_pool is not None:
+            return self.attn_pool(x[:, self.num_prefix_tokens:])
         if self.global_pool == "avg":
             return x[:, self.num_prefix_tokens:].mean(dim=1)
+        if self.global_pool == "":
+            return x
         return x[:, 0]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens from ``forward_features`` -> logits (or the pooled features when ``pre_logits``)."""
         features = self.head_drop(self.fc_norm(self.pool(x)))
-        if pre_logits:
-            return features
         if self.head_dist is not None:
-            # DeiT distilled inference: average of the class-token and distillation-token heads.
-            return (self.head(features) + self.head_dist(self.head_drop(self.fc_norm(x[:, 1])))) / 2
-        return self.head(features)
+            # DeiT distilled (timm's contract): features and logits are the means over the class and
+            # distillation tokens.
+            dist_features = self.head_drop(self.fc_norm(x[:, 1]))
+            if pre_logits:
+                return (features + dist_features) / 2
+            return (self.head(features) + self.head_dist(dist_features)) / 2
+        return features if pre_logits else self.head(features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -139,8 +187,7 @@ class VisionTransformer(nn.Module):
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Attention weights of every block, each (B, heads, N, N); computed on request, not in ``forward``."""
-        grid = self._check_input(x)
-        x = self._pos_embed(self.patch_embed(x), grid)
+        x = self._embed(x)
         maps = []
         for block in self.blocks:
             maps.append(block.attn.attention_map(block.norm1(x)))
@@ -150,11 +197,13 @@ class VisionTransformer(nn.Module):
     # ---- timm-style utilities ---------------------------------------------------------------------
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head (and the distillation head) with a fresh one for ``num_classes`` (0 = none)."""
-        if global_pool is not None:
-            if global_pool not in ("token", "avg"):
-                raise ValueError(f"global_pool: expected 'token' or 'avg', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
+        global_pool = self.global_pool if global_pool is None else global_pool
+        if (global_pool == "map") != (self.attn_pool is not None):
+            raise ValueError(f"global_pool: cannot switch between 'map' and {global_pool or self.global_pool!r} "
+                             f"on a built model (the attention pool's weights exist only with 'map'); build a "
+                             f"new model from model.config.replace(global_pool=...)")
+        self.config = self.config.replace(num_classes=num_classes, global_pool=global_pool)
+        self.global_pool, self.num_classes = global_pool, num_classes
         where = dict(device=self.pos_embed.device, dtype=self.pos_embed.dtype)
         self.head = nn.Linear(self.embed_dim, num_classes, **where) if num_classes > 0 else nn.Identity()
         self.head.apply(_init_module)
@@ -167,10 +216,10 @@ class VisionTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters that take no weight decay: embeddings/tokens, norms and biases."""
-        names = {"pos_embed", "cls_token", "dist_token"}
+        names = {"pos_embed", "cls_token", "reg_token", "dist_token", "attn_pool.latent"}
         for module_name, module in self.named_modules():
             prefix = f"{module_name}." if module_name else ""
-            if isinstance(module, nn.LayerNorm):
+            if isinstance(module, (nn.LayerNorm, LayerScale)):
                 names.update(prefix + n for n, _ in module.named_parameters(recurse=False))
             elif getattr(module, "bias", None) is not None:
                 names.add(prefix + "bias")
@@ -224,34 +273,3 @@ def _init_module(module: nn.Module) -> None:
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
 
-
-def _validate(*, img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio, drop_rate,
-              attn_drop_rate, drop_path_rate, global_pool, class_token, distilled) -> None:
-    """Reject impossible architectures with a message that names the argument, before any weight exists."""
-    problems = []
-    for key, value in (("patch_size", patch_size), ("in_chans", in_chans), ("embed_dim", embed_dim),
-                       ("depth", depth), ("num_heads", num_heads)):
-        if not isinstance(value, int) or value < 1:
-            problems.append(f"{key}: expected a positive integer, got {value!r}")
-    if not isinstance(num_classes, int) or num_classes < 0:
-        problems.append(f"num_classes: expected an integer >= 0 (0 = no head), got {num_classes!r}")
-    if isinstance(patch_size, int) and patch_size > 0 and any(s % patch_size for s in img_size):
-        problems.append(f"img_size {img_size[0]}x{img_size[1]} is not divisible by patch_size {patch_size}")
-    if any(s < 1 for s in img_size):
-        problems.append(f"img_size: expected positive sizes, got {img_size}")
-    if isinstance(num_heads, int) and num_heads > 0 and isinstance(embed_dim, int) and embed_dim % num_heads:
-        problems.append(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
-    if not mlp_ratio > 0:
-        problems.append(f"mlp_ratio: expected > 0, got {mlp_ratio}")
-    for key, value in (("drop_rate", drop_rate), ("attn_drop_rate", attn_drop_rate),
-                       ("drop_path_rate", drop_path_rate)):
-        if not (0.0 <= value < 1.0) or math.isnan(value):
-            problems.append(f"{key}: expected a rate in [0, 1), got {value}")
-    if global_pool not in ("token", "avg"):
-        problems.append(f"global_pool: expected 'token' or 'avg', got {global_pool!r}")
-    if global_pool == "token" and not class_token:
-        problems.append("global_pool='token' needs class_token=True (use global_pool='avg' without a class token)")
-    if distilled and not class_token:
-        problems.append("distilled=True needs class_token=True")
-    if problems:
-        raise ValueError("invalid VisionTransformer configuration:\n  " + "\n  ".join(problems))

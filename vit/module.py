@@ -1,6 +1,7 @@
 """ImageClassifier: the LightningModule that trains a VisionTransformer."""
 from __future__ import annotations
 
+import inspect
 from typing import Any, Literal, Union
 
 import lightning as L
@@ -9,13 +10,12 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from .checkpoints import architecture_of, load_pretrained
+from .checkpoints import load_pretrained
+from .config import ViTConfig, field_names
 from .model import VisionTransformer
 from .optim import param_groups, warmup_cosine
 from .registry import model_config
 
-ARCH_KEYS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
-             "drop_rate", "attn_drop_rate", "drop_path_rate", "global_pool", "class_token")
 
 
 class ImageClassifier(L.LightningModule):
@@ -29,6 +29,52 @@ class ImageClassifier(L.LightningModule):
     Mixup/CutMix (``mixup_alpha``, ``cutmix_alpha``, ``mix_prob``, ``switch_prob``; soft-target loss) and
     ``ema_decay`` (EMA weights are validated, tested and checkpointed; raw ones kept for resuming).
 
+    Args:
+        arch: registered architecture to start from (see vit.list_models()); None = VisionTransformer's defaults.
+        num_classes: number of classes of the head (the CLI links it from data.num_classes).
+        img_size: input image size (the CLI links it from data.img_size); None = the architecture's.
+        patch_size: side of the square patches; None = the architecture's.
+        in_chans: number of input image channels (the CLI links it from data.in_chans).
+        embed_dim: token width; None = the architecture's.
+        depth: number of transformer blocks; None = the architecture's.
+        num_heads: attention heads per block (must divide embed_dim); None = the architecture's.
+        mlp_ratio: hidden width of each block's MLP as a multiple of embed_dim; None = the architecture's.
+        qkv_bias: give the query/key/value projection a bias; None = the architecture's.
+        drop_rate: dropout after the position embeddings, on each block's attention and MLP output, before the head.
+        attn_drop_rate: dropout on the attention weights.
+        drop_path_rate: stochastic depth of the last block, rising linearly from 0 at the first block.
+        global_pool: what the head reads: "token" (class token), "avg" (mean of patch tokens), "map" (attention
+            pooling, SigLIP) or "" (all tokens); None = the architecture's.
+        class_token: prepend a learned class token; None = the architecture's.
+        fc_norm: final LayerNorm after pooling instead of on all tokens; None = the architecture's (timm's rule).
+        norm_eps: epsilon of every LayerNorm; None = the architecture's.
+        dynamic_img_size: accept any input size, resampling position embeddings per call; None = the arch's.
+        init_values: LayerScale start value (DINOv2 1e-5, DeiT III 1e-6); None = the architecture's.
+        reg_tokens: register tokens after the class token (DINOv2 reg4: 4); None = the architecture's.
+        no_embed_class: position embeddings for the patches only (DeiT III, DINOv2 reg); None = the arch's.
+        pre_norm: LayerNorm after the position embedding, no patch bias (CLIP); None = the architecture's.
+        final_norm: the final LayerNorm at all; None = the architecture's.
+        act_layer: MLP activation: gelu, gelu_tanh (SigLIP), quick_gelu (OpenAI CLIP), silu; None = the arch's.
+        mlp_layer: "mlp" or "swiglu" (DINOv2 giant); None = the architecture's.
+        class_names: class names saved in checkpoints for prediction (the CLI links them from data.class_names).
+        lr: peak AdamW learning rate, reached after the warm-up (scaled per layer by layer_decay).
+        weight_decay: AdamW weight decay; never applied to position embeddings, class token, norms and biases.
+        betas: AdamW's (beta1, beta2).
+        warmup_epochs: epochs of linear learning-rate warm-up (fractions allowed; at most half of training).
+        min_lr_ratio: learning rate at the end of the cosine decay, as a fraction of lr.
+        label_smoothing: label smoothing of the cross-entropy (and of the Mixup/CutMix targets).
+        layer_decay: layer-wise LR decay: the head gets lr, each layer below it this factor more; None = off.
+        grad_checkpointing: recompute block activations in backward: less memory, about a third more compute.
+        compile: torch.compile the model (in place, so checkpoint keys do not change).
+        pretrained: weights to fine-tune (anything vit.load_pretrained reads: file, directory, hf-hub:/timm: name).
+        freeze: "none", "backbone" (train the head only: linear probe) or N (freeze embeddings + the first N blocks).
+        mixup_alpha: Mixup's Beta(alpha, alpha) parameter; 0 = no Mixup.
+        cutmix_alpha: CutMix's Beta(alpha, alpha) parameter; 0 = no CutMix.
+        mix_prob: probability of mixing a batch when mixup_alpha or cutmix_alpha is > 0.
+        switch_prob: probability of CutMix instead of Mixup when both are on.
+        ema_decay: decay of an exponential moving average of the weights, used for validation and test; None = off.
+        nonfinite_loss: on a NaN/inf training loss, "error" stops the run, "skip" skips the batch (and counts it).
+
     Example:
         >>> module = ImageClassifier(arch="vit_tiny_patch16_224", num_classes=10, img_size=32, depth=2)
         >>> module.model.embed_dim, module.model.num_classes
@@ -39,8 +85,13 @@ class ImageClassifier(L.LightningModule):
                  patch_size: int | None = None, in_chans: int = 3, embed_dim: int | None = None,
                  depth: int | None = None, num_heads: int | None = None, mlp_ratio: float | None = None,
                  qkv_bias: bool | None = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, global_pool: Literal["token", "avg"] | None = None,
-                 class_token: bool | None = None, class_names: list[str] | None = None,
+                 drop_path_rate: float = 0.0, global_pool: Literal["token", "avg", "map", ""] | None = None,
+                 class_token: bool | None = None, fc_norm: bool | None = None, norm_eps: float | None = None,
+                 dynamic_img_size: bool | None = None, init_values: float | None = None,
+                 reg_tokens: int | None = None, no_embed_class: bool | None = None, pre_norm: bool | None = None,
+                 final_norm: bool | None = None,
+                 act_layer: Literal["gelu", "gelu_tanh", "quick_gelu", "silu"] | None = None,
+                 mlp_layer: Literal["mlp", "swiglu"] | None = None, class_names: list[str] | None = None,
                  lr: float = 1e-3, weight_decay: float = 0.05, betas: tuple[float, float] = (0.9, 0.999),
                  warmup_epochs: float = 1.0, min_lr_ratio: float = 0.01, label_smoothing: float = 0.1,
                  layer_decay: float | None = None, grad_checkpointing: bool = False, compile: bool = False,
@@ -167,6 +218,15 @@ class ImageClassifier(L.LightningModule):
                           f"train/nonfinite_skipped", stacklevel=2)
         return None  # Lightning skips backward and the optimizer step for this batch
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
+                             weights_only: bool | None = True, **kwargs):
+        """Lightning's ``load_from_checkpoint``, reading with ``weights_only=True`` unless told otherwise: our
+        checkpoints hold tensors and plain values only, and this way a checkpoint carrying pickled code is refused
+        even where torch's own default has been switched off (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``)."""
+        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
+                                            strict=strict, weights_only=weights_only, **kwargs)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # A checkpoint is read against the data's classes: a different list or order would mislabel everything.
         saved = checkpoint.get("class_names")
@@ -183,8 +243,14 @@ class ImageClassifier(L.LightningModule):
         if hparams is not None and hparams.get("pretrained"):
             # The weights are in the checkpoint: record the loaded architecture instead of the source, so
             # load_from_checkpoint(path) works where the pretrained file is not.
-            arch = architecture_of(self.model)
-            hparams.update(pretrained=None, arch=None, **{k: arch[k] for k in ARCH_KEYS if k in arch})
+            arch = self.model.config.to_dict()
+            hparams.update(pretrained=None, arch=None, **{k: arch[k] for k in ARCH_KEYS})
+
+
+# The architecture fields ImageClassifier takes (all of ViTConfig's but distilled: DeiT distillation needs a
+# teacher, which this module does not train with); tests/test_module.py checks none is left out by accident.
+ARCH_KEYS = tuple(k for k in field_names()
+                  if k in inspect.signature(ImageClassifier.__init__).parameters and k != "num_classes")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -198,12 +264,9 @@ class ClassMismatchError(ValueError):
 def build_model(hparams: Any) -> VisionTransformer:
     """VisionTransformer from a registered ``arch`` and explicit overrides (``None`` = not given)."""
     hp = dict(hparams)
-    config = model_config(hp["arch"]) if hp.get("arch") else {}
-    for key in ARCH_KEYS:
-        if hp.get(key) is not None:
-            config[key] = hp[key]
-    config["num_classes"] = hp["num_classes"]
-    return VisionTransformer(**config)
+    config = model_config(hp["arch"]) if hp.get("arch") else ViTConfig()
+    given = {key: hp[key] for key in ARCH_KEYS if hp.get(key) is not None}
+    return VisionTransformer(config, num_classes=hp["num_classes"], **given)
 
 
 def build_pretrained(hparams: Any) -> VisionTransformer:

@@ -19,8 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import ViTConfig
 from ..model import VisionTransformer
 from ..pos_embed import resample_patch_kernel, resample_pos_embed
+from ..registry import model_config
 from . import hf, npz, timm, torchvision
 from ._arch import _grid, architecture_of, infer_architecture
 from ._common import CheckpointError
@@ -92,12 +94,18 @@ def _hints_and_meta(raw: RawCheckpoint, fmt: str, state_dict: Mapping[str, torch
     return fmt, hints, meta
 
 
+def _registered(name: str) -> dict[str, Any]:
+    """A registered name's architecture, less its head: the checkpoint's head is kept unless num_classes says."""
+    fields = model_config(name).to_dict(training=False)
+    fields.pop("num_classes")
+    return fields
+
+
 def _build_target(model: Any, ckpt_arch: dict[str, Any], num_classes, img_size, patch_size
                   ) -> VisionTransformer:
     """The model to load into: the given one (head reset / rebuilt when the overrides change it) or a new one."""
-    if isinstance(model, str):  # a registered name: its sizes, the checkpoint's head and eps
-        from ..registry import model_config
-        model = model_config(model)
+    if isinstance(model, str):
+        model = _registered(model)
     if isinstance(model, VisionTransformer):
         arch = architecture_of(model, training=True)
     elif model is None or isinstance(model, Mapping):
@@ -118,13 +126,16 @@ def _build_target(model: Any, ckpt_arch: dict[str, Any], num_classes, img_size, 
         if new["num_classes"] != arch["num_classes"]:
             model.reset_classifier(new["num_classes"])
         return model
-    return VisionTransformer(**{k: v for k, v in new.items() if v is not None or k == "fc_norm"})
+    return VisionTransformer(**{k: v for k, v in new.items() if v is not None or k in _NONE_MEANS_SOMETHING})
 
 
-def _adapt(state_dict: dict[str, torch.Tensor], ckpt_arch: Mapping[str, Any], model: VisionTransformer,
+_NONE_MEANS_SOMETHING = ("fc_norm", "init_values")  # None: timm's pooling rule / no LayerScale
+
+
+def _adapt(state_dict: dict[str, torch.Tensor], ckpt_config: ViTConfig, model: VisionTransformer,
            fmt: str, interpolation: str, antialias: bool, name: str) -> dict[str, torch.Tensor]:
     """Resample the position embeddings and patch kernel to the model's sizes; drop a head that does not fit."""
-    target = architecture_of(model)
+    target, ckpt_arch = architecture_of(model), ckpt_config.to_dict()
     weight = state_dict.get("patch_embed.proj.weight")
     if weight is not None and weight.shape[-1] != model.patch_size:
         log.info("%s: resampling the patch-embedding kernel %dx%d -> %dx%d", name, weight.shape[-2],
@@ -136,7 +147,7 @@ def _adapt(state_dict: dict[str, torch.Tensor], ckpt_arch: Mapping[str, Any], mo
         log.info("%s: resampling position embeddings %dx%d -> %dx%d (%s)", name, *old_grid, *new_grid, interpolation)
         state_dict["pos_embed"] = resample_pos_embed(
             state_dict["pos_embed"].float(), new_grid, old_grid,
-            num_prefix_tokens=int(ckpt_arch["class_token"]) + int(ckpt_arch["distilled"]),
+            num_prefix_tokens=ckpt_config.num_pos_prefix_tokens,
             interpolation=interpolation, antialias=antialias)
     extras = getattr(FORMATS[fmt], "HEAD_EXTRAS", ())
     if ckpt_arch["num_classes"] == 0 and any(k.startswith(extras) for k in state_dict):
@@ -188,9 +199,11 @@ def load_pretrained(source: str | os.PathLike | Mapping[str, torch.Tensor], *, m
     ``source`` is a file (the container is recognised from its bytes), a directory (Hugging Face, timm hub
     or ``save_pretrained`` layout), ``hf-hub:ORG/REPO``, ``timm:model.tag``, or an in-memory state dict.
     The format is detected from the keys. Without ``model`` the architecture is inferred from tensor shapes
-    and config files (a bare torchvision/timm state dict does not record the number of heads: it is guessed
-    from the width, with a warning; pass ``model=`` or ``model={"num_heads": N}`` to set it). ``model`` may
-    be a ``VisionTransformer``, a registered name or a dict of constructor arguments.
+    and config files. A bare torchvision/timm state dict does not record the number of heads: for the standard
+    widths (192/384/768/1024/1280) the standard number is assumed, with a warning; any other width raises
+    ``CheckpointError`` rather than guess (a wrong guess loads and gives other outputs). Pass ``model=`` or
+    ``model={"num_heads": N}`` to set it. ``model`` may be a ``VisionTransformer``, a registered name or a dict
+    of ``ViTConfig`` fields.
 
     ``img_size``/``patch_size`` different from the checkpoint's resample the position embeddings / patch
     kernel with ``interpolation`` (default bicubic, as timm; torchvision and HF also resample bicubic, the
@@ -200,9 +213,13 @@ def load_pretrained(source: str | os.PathLike | Mapping[str, torch.Tensor], *, m
     interpolation (of the source's image preprocessing) and crop_pct.
 
     Example:
-        >>> model = load_pretrained("vit_tiny.safetensors", num_classes=10, img_size=384)  # doctest: +SKIP
-        >>> model.pretrained_cfg["mean"]  # doctest: +SKIP
-        [0.5, 0.5, 0.5]
+        >>> import tempfile
+        >>> m = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=2)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     _ = save_pretrained(m, tmp, mean=[0.5] * 3, std=[0.5] * 3)
+        ...     model = load_pretrained(tmp, num_classes=10, img_size=64)  # new head, resampled position embeddings
+        >>> model.num_classes, model.img_size, model.pretrained_cfg["mean"]
+        (10, (64, 64), [0.5, 0.5, 0.5])
     """
     raw = read(source)
     name = raw.name
@@ -224,20 +241,20 @@ def _load(raw, source, name, model, num_classes, img_size, patch_size, strict, i
     state_dict = FORMATS[fmt].to_timm(_strip(raw.state_dict, prefix))
     fmt_name, hints, meta = _hints_and_meta(raw, fmt, state_dict)
     if isinstance(model, str):
-        from ..registry import model_config
-        model = model_config(model)
+        model = _registered(model)
     # What the caller says about the model also tells what the checkpoint cannot (heads, a non-square grid).
     if isinstance(model, VisionTransformer):
         hints = {**hints, **architecture_of(model)}
     elif isinstance(model, Mapping):
         hints = {**hints, **model}
-    ckpt_arch = infer_architecture(state_dict, hints, name)
+    ckpt_config = infer_architecture(state_dict, hints, name)  # raises if heads are unknown and not guessable
     if not hints.get("num_heads"):
-        log.warning("%s: the checkpoint does not record the number of attention heads; assuming %d "
-                    "(embed_dim %d). Pass model={'num_heads': N} if that is wrong.",
-                    name, ckpt_arch["num_heads"], ckpt_arch["embed_dim"])
+        log.warning("%s: the checkpoint does not record the number of attention heads; assuming %d, the "
+                    "standard for embed_dim %d. Pass model={'num_heads': N} if that is wrong.",
+                    name, ckpt_config.num_heads, ckpt_config.embed_dim)
+    ckpt_arch = ckpt_config.to_dict()
     target = _build_target(model, ckpt_arch, num_classes, img_size, patch_size)
-    state_dict = _adapt(state_dict, ckpt_arch, target, fmt, interpolation, antialias, name)
+    state_dict = _adapt(state_dict, ckpt_config, target, fmt, interpolation, antialias, name)
     _check_keys(state_dict, target, strict, name)
     expected = target.state_dict()
     target.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False)
@@ -272,8 +289,13 @@ def save_pretrained(model: VisionTransformer, directory: str | os.PathLike, clas
     leaves a half-written checkpoint. ``load_pretrained(directory)`` gives back the same model.
 
     Example:
+        >>> import tempfile
         >>> m = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=2)
-        >>> save_pretrained(m, "my_vit", class_names=["cat", "dog"], mean=[0.5] * 3, std=[0.5] * 3)  # doctest: +SKIP
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     directory = save_pretrained(m, f"{tmp}/my_vit", class_names=["cat", "dog"],
+        ...                                 mean=[0.5] * 3, std=[0.5] * 3)
+        ...     sorted(f.name for f in directory.iterdir()), load_pretrained(directory).pretrained_cfg["class_names"]
+        (['config.json', 'model.safetensors'], ['cat', 'dog'])
     """
     from safetensors.torch import save_file
 

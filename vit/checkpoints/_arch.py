@@ -7,53 +7,52 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
 
+from ..config import ViTConfig
 from ..model import VisionTransformer
 from ._common import CheckpointError
 
 
 def architecture_of(model: VisionTransformer, training: bool = False) -> dict[str, Any]:
-    """The constructor arguments that rebuild ``model`` (with ``training=True`` also its dropout rates).
+    """``model.config`` as a JSON-ready dict (with ``training=True`` also its dropout rates).
 
     Example:
         >>> m = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
         >>> architecture_of(m)["depth"], architecture_of(m)["img_size"]
         (2, 32)
     """
-    block = model.blocks[0]
-    height, width = model.img_size
-    arch = dict(
-        img_size=height if height == width else [height, width], patch_size=model.patch_size,
-        in_chans=model.in_chans, num_classes=model.num_classes, embed_dim=model.embed_dim, depth=len(model.blocks),
-        num_heads=block.attn.num_heads, mlp_ratio=block.mlp.fc1.out_features / model.embed_dim,
-        qkv_bias=block.attn.qkv.bias is not None, global_pool=model.global_pool,
-        class_token=model.cls_token is not None, distilled=model.dist_token is not None,
-        fc_norm=isinstance(model.fc_norm, nn.LayerNorm), norm_eps=block.norm1.eps,
-        dynamic_img_size=model.dynamic_img_size)
-    if training:
-        last = model.blocks[-1].drop_path1
-        arch.update(drop_rate=model.pos_drop.p, attn_drop_rate=block.attn.attn_drop,
-                    drop_path_rate=getattr(last, "drop_prob", 0.0))
-    return arch
+    return model.config.to_dict(training=training)
 
 
-def _guess_heads(embed_dim: int) -> int:
-    # Standard ViT/DeiT widths (Ti/S/B/L/H); otherwise head dimension 64, the papers' choice.
-    known = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
-    if embed_dim in known:
-        return known[embed_dim]
-    return embed_dim // 64 if embed_dim % 64 == 0 else 1
+# The standard ViT/DeiT widths (Ti/S/B/L/H) and their heads: the only widths whose heads may be guessed.
+STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
+
+
+def _num_heads(embed_dim: int, hints: Mapping[str, Any], name: str) -> int:
+    if hints.get("num_heads"):
+        return int(hints["num_heads"])
+    if embed_dim in STANDARD_HEADS:
+        return STANDARD_HEADS[embed_dim]  # load_pretrained warns that it guessed
+    # Weights alone never tell the heads (qkv is (3D, D) for any split), and a wrong guess still loads
+    # without complaint, with other outputs: refuse rather than guess.
+    raise CheckpointError(
+        f"{name}: the number of attention heads cannot be read from the weights (embed_dim {embed_dim} is not one "
+        f"of the standard widths {', '.join(map(str, STANDARD_HEADS))}) and no config file records it. Pass it: "
+        f"vit.load_pretrained(..., model={{'num_heads': N}}), `python -m vit.convert SOURCE OUT --num-heads N`, "
+        f"`--model.num_heads N` with train.py's --model.pretrained, or the registered name of the architecture "
+        f"as model='NAME' (vit.list_models())")
 
 
 def infer_architecture(state_dict: Mapping[str, torch.Tensor], hints: Mapping[str, Any] | None = None,
-                       name: str = "<state dict>") -> dict[str, Any]:
-    """Constructor arguments from the shapes of a state dict in our layout; ``hints`` (from config files)
-    supply what shapes cannot tell: number of heads, LayerNorm eps, a non-square grid, the pooling.
+                       name: str = "<state dict>") -> ViTConfig:
+    """The ``ViTConfig`` of a state dict in our layout, from its shapes; ``hints`` (config files, a registered
+    name, the caller) supply what shapes cannot tell: number of heads, LayerNorm eps, activation, a non-square
+    grid, the pooling. Without a ``num_heads`` hint the heads of a standard width (``STANDARD_HEADS``) are
+    assumed; any other width raises ``CheckpointError``.
 
     Example:
         >>> sd = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2).state_dict()
-        >>> infer_architecture(sd, {"num_heads": 2})["depth"]
+        >>> infer_architecture(sd, {"num_heads": 2}).depth
         2
     """
     hints = dict(hints or {})
@@ -64,40 +63,63 @@ def infer_architecture(state_dict: Mapping[str, torch.Tensor], hints: Mapping[st
     if patch_h != patch_w:
         raise CheckpointError(f"{name}: non-square patches {patch_h}x{patch_w} are not supported")
     depth = len({m.group(1) for k in state_dict if (m := re.match(r"^blocks\.(\d+)\.", k))})
-    fc1 = state_dict.get("blocks.0.mlp.fc1.weight")
-    if depth == 0 or fc1 is None or fc1.ndim != 2:
-        raise CheckpointError(f"{name}: no encoder blocks (blocks.0.mlp.fc1.weight) found")
+    fc1, fc2 = state_dict.get("blocks.0.mlp.fc1.weight"), state_dict.get("blocks.0.mlp.fc2.weight")
+    if depth == 0 or fc1 is None or fc1.ndim != 2 or fc2 is None or fc2.ndim != 2:
+        raise CheckpointError(f"{name}: no encoder blocks (blocks.0.mlp.fc1.weight, fc2.weight) found")
     class_token, distilled = "cls_token" in state_dict, "dist_token" in state_dict
-    prefix = int(class_token) + int(distilled)
+    reg = state_dict.get("reg_token")
+    reg_tokens = int(reg.shape[1]) if reg is not None and reg.ndim == 3 else 0
+    prefix = int(class_token) + reg_tokens + int(distilled)
     pos = state_dict.get("pos_embed")
     if pos is None or pos.ndim != 3:
         raise CheckpointError(f"{name}: no (1, tokens, dim) position embedding (pos_embed)")
-    num_patches = pos.shape[1] - prefix
-    img_size = hints.get("img_size")
-    grid = None
-    if img_size is not None:
-        size = img_size if isinstance(img_size, (list, tuple)) else (img_size, img_size)
-        if (size[0] // patch_h) * (size[1] // patch_w) == num_patches:
-            grid = (size[0] // patch_h, size[1] // patch_w)
-    if grid is None:
-        side = math.isqrt(max(num_patches, 0))
-        if side * side != num_patches or side == 0:
-            raise CheckpointError(
-                f"{name}: cannot tell the patch grid from {pos.shape[1]} position embeddings "
-                f"({prefix} prefix tokens); pass model=VisionTransformer(img_size=(H, W), ...)")
-        grid = (side, side)
-    has_fc_norm = "fc_norm.weight" in state_dict
-    global_pool = hints.get("global_pool") or ("avg" if has_fc_norm or not class_token else "token")
+    no_embed_class, grid = _position_layout(int(pos.shape[1]), prefix, (int(patch_h), int(patch_w)), hints, name)
+    has_fc_norm, has_norm = "fc_norm.weight" in state_dict, "norm.weight" in state_dict
+    if "attn_pool.latent" in state_dict:
+        global_pool = "map"
+    else:
+        global_pool = hints.get("global_pool")
+        if global_pool is None or global_pool == "map":
+            global_pool = "avg" if has_fc_norm or not class_token else "token"
+    swiglu = fc1.shape[0] == 2 * fc2.shape[1]  # packed SwiGLU: fc1 makes both halves
+    ls = state_dict.get("blocks.0.ls1.gamma")
     head = state_dict.get("head.weight")
-    return dict(
-        img_size=grid[0] * patch_h if grid[0] == grid[1] else [grid[0] * patch_h, grid[1] * patch_w],
+    return ViTConfig(
+        img_size=grid[0] * patch_h if grid[0] == grid[1] else (grid[0] * patch_h, grid[1] * patch_w),
         patch_size=int(patch_h), in_chans=int(in_chans), num_classes=int(head.shape[0]) if head is not None else 0,
-        embed_dim=int(embed_dim), depth=depth,
-        num_heads=int(hints.get("num_heads") or _guess_heads(int(embed_dim))),
+        embed_dim=int(embed_dim), depth=depth, num_heads=_num_heads(int(embed_dim), hints, name),
         mlp_ratio=fc1.shape[0] / embed_dim, qkv_bias="blocks.0.attn.qkv.bias" in state_dict,
         global_pool=global_pool, class_token=class_token, distilled=distilled,
-        fc_norm=has_fc_norm if (has_fc_norm or "norm.weight" in state_dict) else None,
-        norm_eps=float(hints.get("norm_eps", 1e-6)), dynamic_img_size=bool(hints.get("dynamic_img_size", False)))
+        fc_norm=has_fc_norm if (has_fc_norm or has_norm) else None, final_norm=has_fc_norm or has_norm,
+        norm_eps=float(hints.get("norm_eps") or 1e-6), dynamic_img_size=bool(hints.get("dynamic_img_size", False)),
+        # the gammas are loaded; init_values only says that LayerScale is there
+        init_values=(hints.get("init_values") or 1e-5) if ls is not None else None,
+        reg_tokens=reg_tokens, no_embed_class=no_embed_class, pre_norm="norm_pre.weight" in state_dict,
+        act_layer=hints.get("act_layer") or ("silu" if swiglu else "gelu"), mlp_layer="swiglu" if swiglu else "mlp")
+
+
+def _position_layout(length: int, prefix: int, patch: tuple[int, int], hints: Mapping[str, Any], name: str
+                     ) -> tuple[bool, tuple[int, int]]:
+    """(no_embed_class, patch grid) from the position table's length: it covers the prefix tokens as well
+    (timm, JAX, DeiT) or the patches only (DeiT III, DINOv2 with registers). The image-size hint decides when
+    given; otherwise the layout whose patch count is a square (the table with the prefix, if both are)."""
+    layouts = [False, True] if prefix else [False]
+    if "no_embed_class" in hints and prefix:
+        layouts = [bool(hints["no_embed_class"])]
+    size = hints.get("img_size")
+    if size is not None:
+        height, width = size if isinstance(size, (list, tuple)) else (size, size)
+        grid = (height // patch[0], width // patch[1])
+        for no_embed_class in layouts:
+            if grid[0] * grid[1] == length - (0 if no_embed_class else prefix):
+                return no_embed_class, grid
+    for no_embed_class in layouts:
+        patches = length - (0 if no_embed_class else prefix)
+        side = math.isqrt(max(patches, 0))
+        if side > 0 and side * side == patches:
+            return no_embed_class, (side, side)
+    raise CheckpointError(f"{name}: cannot tell the patch grid from {length} position embeddings ({prefix} prefix "
+                          f"tokens); pass model=VisionTransformer(img_size=(H, W), ...)")
 
 
 def _grid(arch: Mapping[str, Any]) -> tuple[int, int]:

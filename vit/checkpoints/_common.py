@@ -5,9 +5,9 @@ import re
 from collections.abc import Mapping
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN  # noqa: F401  (re-exported)
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD  # noqa: F401
 
-from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
-from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 HALF = (0.5, 0.5, 0.5)  # Google ViT / AugReg / big_vision, Hugging Face ViT
 
 

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import ViTConfig
+from ..registry import MODELS
 from ._common import CheckpointError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -144,7 +146,16 @@ def _read_npz(path: Path) -> dict[str, torch.Tensor]:
     out = {}
     with np.load(path, allow_pickle=False) as archive:
         for key in archive.files:
-            array = archive[key]
+            try:
+                array = archive[key]
+            except ValueError as error:
+                if "allow_pickle" not in str(error):
+                    raise
+                # an object array is a pickle: numpy refused it before unpickling anything
+                raise CheckpointError(
+                    f"{path}: refused to load: array {key!r} holds pickled Python objects (dtype object), which "
+                    "could run code when unpickled. Nothing from it was executed. A weights .npz holds numeric "
+                    "arrays only.") from None
             if array.dtype.kind not in "fiub":
                 raise CheckpointError(f"{path}: array {key!r} has dtype {array.dtype}, not a number")
             out[key] = torch.from_numpy(np.ascontiguousarray(array))
@@ -181,11 +192,14 @@ def _unwrap(data: Any, name: str) -> tuple[dict[str, torch.Tensor], dict[str, An
 def _hparams_hints(hparams: Mapping[str, Any]) -> dict[str, Any]:
     """Architecture hints from our LightningModule's flat hyper-parameters (``arch`` name + overrides)."""
     hints: dict[str, Any] = {}
-    if isinstance(hparams.get("arch"), str):
-        from ..registry import MODELS  # lazy: the registry imports this package for pretrained=True
-        hints.update(MODELS.get(hparams["arch"], {}))
+    registered = MODELS.get(hparams["arch"]) if isinstance(hparams.get("arch"), str) else None
+    if registered is not None:
+        hints.update(registered.to_dict(training=False))
     hints.update({k: hparams[k] for k in ("num_heads", "img_size", "global_pool", "norm_eps")
                   if hparams.get(k) is not None})
+    if "arch" in hparams and not hparams["arch"] and "num_heads" in hparams and "num_heads" not in hints:
+        # our ImageClassifier built with neither arch nor num_heads: it got ViTConfig's default
+        hints["num_heads"] = ViTConfig().num_heads
     return hints
 
 

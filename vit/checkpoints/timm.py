@@ -11,12 +11,13 @@ from typing import Any
 
 import torch
 
+from ..config import TRAINING_FIELDS, field_names
+from ..registry import MODELS
+
 NAME = "timm"
 SIGNATURE = r"patch_embed\.proj\.weight"
 # Preprocessing a bare timm state dict implies nothing about; DeiT (distilled) weights use ImageNet's.
 DEFAULTS: dict[str, Any] = {"mean": None, "std": None, "interpolation": "bicubic", "crop_pct": 0.9}
-_ARCH_KEYS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
-              "global_pool", "class_token", "fc_norm", "norm_eps")
 
 
 def to_timm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -49,10 +50,11 @@ def read_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, An
     hints: dict[str, Any] = {}
     architecture = config.get("architecture")
     if isinstance(architecture, str):
-        from ..registry import MODELS  # lazy: the registry imports this package for pretrained=True
-        hints.update(MODELS.get(architecture.split(".")[0], {}))
+        registered = MODELS.get(architecture.split(".")[0])
+        if registered is not None:
+            hints.update(registered.to_dict(training=False))
     model_args = config.get("model_args") or {}
-    hints.update({k: model_args[k] for k in _ARCH_KEYS if k in model_args})
+    hints.update({k: model_args[k] for k in field_names() if k in model_args and k not in TRAINING_FIELDS})
     if config.get("global_pool") in ("token", "avg"):
         hints["global_pool"] = config["global_pool"]
     cfg = config.get("pretrained_cfg") or {}

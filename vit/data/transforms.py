@@ -6,8 +6,9 @@ from typing import Sequence
 import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
-from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
-from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN  # noqa: F401  (re-exported)
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD  # noqa: F401
+
 AUGMENT_PRESETS = ("none", "light", "strong")
 
 
