@@ -153,3 +153,15 @@ def test_cli_error_is_one_line_and_exit_code_2(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as info:
         runpy.run_module("vit.convert", run_name="__main__")
     assert info.value.code == 2 and "no such file" in capsys.readouterr().err
+
+
+def test_cli_takes_the_activation_a_bare_clip_file_cannot_tell(tmp_path, capsys):
+    torch.manual_seed(0)
+    reference = randomize_(timm.create_model("vit_base_patch16_clip_quickgelu_224", pretrained=False,
+                                             **SMALL)).eval()
+    save_file(reference.state_dict(), tmp_path / "clip.safetensors")  # weights only: no name, no config
+    args = [str(tmp_path / "clip.safetensors"), str(tmp_path / "out"), "--num-heads", "2"]
+    assert main([*args, "--act-layer", "quick_gelu"]) == 0
+    printed = capsys.readouterr().out
+    assert "act_layer=quick_gelu" in printed and "pre_norm=True" in printed
+    assert_matches_reference(vit.load_pretrained(tmp_path / "out"), reference, _x())
