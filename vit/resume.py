@@ -12,10 +12,8 @@ What a resume restores: model, optimizer, LR scheduler and loop counters (Lightn
 """
 from __future__ import annotations
 
-import os
 import random
 import signal
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from .files import atomic_path
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -60,32 +60,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if "://" in str(path):  # remote file systems: Lightning's own transactional write
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:  # make the rename itself durable (POSIX); harmless to skip where directories cannot be opened
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        with atomic_path(path) as part, open(part, "wb") as f:
+            torch.save(checkpoint, f)
 
 
 # ---- RNG state -------------------------------------------------------------------------------------------

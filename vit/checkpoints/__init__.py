@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,10 +19,11 @@ import torch
 from torch import nn
 
 from ..config import ViTConfig
+from ..files import atomic_path
 from ..model import VisionTransformer
 from ..pos_embed import resample_patch_kernel, resample_pos_embed
 from ..registry import model_config
-from . import hf, npz, timm, torchvision
+from . import deit3, dinov2, hf, npz, timm, torchvision
 from ._arch import _grid, architecture_of, infer_architecture
 from ._common import CheckpointError
 from ._read import RawCheckpoint, read
@@ -33,7 +33,8 @@ __all__ = ["CheckpointError", "load_pretrained", "save_pretrained", "export_stat
 
 log = logging.getLogger(__name__)
 
-FORMATS = {m.NAME: m for m in (timm, torchvision, hf, npz)}
+# Detection order: dinov2 and deit3 files also have timm's signature key, so they come before timm.
+FORMATS = {m.NAME: m for m in (dinov2, deit3, timm, torchvision, hf, npz)}
 # format -> the regex of one key only that format has. Checked after wrapper prefixes are allowed for.
 SIGNATURES: dict[str, str] = {name: module.SIGNATURE for name, module in FORMATS.items()}
 # What wraps a model's keys: DataParallel/DDP (module.), Lightning modules (model., net.), torch.compile.
@@ -317,21 +318,11 @@ def save_pretrained(model: VisionTransformer, directory: str | os.PathLike, clas
     pretrained_cfg.pop("file", None)
     config = {"format": CONFIG_FORMAT, "architecture": architecture_of(model), "pretrained_cfg": pretrained_cfg}
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(directory / "model.safetensors", lambda path: save_file(tensors, str(path)))
-    _atomic_write(directory / "config.json",
-                  lambda path: Path(path).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"))
+    with atomic_path(directory / "model.safetensors") as part:
+        save_file(tensors, str(part))
+    with atomic_path(directory / "config.json") as part:
+        part.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return directory
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def export_state_dict(model: VisionTransformer, format: str = "timm", **options: Any) -> dict[str, Any]:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from torch.utils.data import Dataset
 
+from ..files import atomic_path
 from .images import IMAGE_EXTENSIONS, BadImageError, check_image, load_image
 from .sampling import seed_transform, split_index
 
@@ -183,11 +183,8 @@ def _read_cache(path: Path) -> dict:
 
 def _write_cache(path: Path, folder: Path, entries: dict) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with atomic_path(path, durable=False) as part, open(part, "w", encoding="utf-8") as f:
             json.dump({"version": CACHE_VERSION, "folder": str(folder.resolve()), "files": entries}, f,
                       ensure_ascii=False)
-        os.replace(tmp, path)
     except OSError:
         pass  # a read-only cache location only costs a rescan next time
