@@ -71,48 +71,45 @@ class PredictionWriter(BasePredictionWriter):
 
 class TestReport(Callback):
     """After ``trainer.test``: ``confusion_matrix.png`` and ``per_class.csv`` (precision, recall, F1, support)
-    in the run directory, from the module's ``test_confmat`` metric."""
+    in the run directory, from the module's ``test_confmat`` and ``test_per_class`` torchmetrics (synced over
+    ranks)."""
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
-        metric = getattr(pl_module, "test_confmat", None)
-        if metric is None or not metric.update_called:
+        confmat, per_class = getattr(pl_module, "test_confmat", None), getattr(pl_module, "test_per_class", None)
+        if confmat is None or per_class is None or not confmat.update_called:
             return
-        matrix = metric.compute().cpu()
-        metric.reset()
+        matrix, scores = confmat.compute().cpu(), {k: v.cpu() for k, v in per_class.compute().items()}
+        confmat.reset()
+        per_class.reset()
         if not trainer.is_global_zero:
             return
         folder = run_dir(trainer)
         folder.mkdir(parents=True, exist_ok=True)
         names = class_labels(pl_module, matrix.shape[0])
-        write_per_class(matrix, names, folder / "per_class.csv")
+        write_per_class(scores, matrix.sum(dim=1), names, folder / "per_class.csv")
         plot_confusion_matrix(matrix, names, folder / "confusion_matrix.png")
 
 
-def per_class_metrics(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(precision, recall, F1, support) per class from a confusion matrix with rows = true, columns = predicted.
+def write_per_class(scores: dict[str, torch.Tensor], support: torch.Tensor, names: Sequence[str], path: Path) -> Path:
+    """``class, precision, recall, f1, support`` rows: ``scores`` holds one tensor per metric, a value per class.
 
     Example:
-        >>> precision, recall, f1, support = per_class_metrics(torch.tensor([[3, 1], [0, 2]]))
-        >>> precision, recall, support
-        (tensor([1.0000, 0.6667]), tensor([0.7500, 1.0000]), tensor([4, 2]))
+        >>> import tempfile
+        >>> scores = {"precision": torch.tensor([1.0, 0.5]), "recall": torch.tensor([0.75, 1.0]),
+        ...           "f1": torch.tensor([0.8571, 0.6667])}
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     print(write_per_class(scores, torch.tensor([4, 2]), ["cat", "dog"], Path(tmp) / "pc.csv").read_text())
+        class,precision,recall,f1,support
+        cat,1.0000,0.7500,0.8571,4
+        dog,0.5000,1.0000,0.6667,2
+        <BLANKLINE>
     """
-    matrix = matrix.double()
-    tp = matrix.diag()
-    predicted, support = matrix.sum(0), matrix.sum(1)
-    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
-    recall = torch.where(support > 0, tp / support.clamp(min=1), torch.zeros_like(tp))
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12),
-                     torch.zeros_like(tp))
-    return precision.float(), recall.float(), f1.float(), support.long()
-
-
-def write_per_class(matrix: torch.Tensor, names: Sequence[str], path: Path) -> Path:
-    precision, recall, f1, support = per_class_metrics(matrix)
     with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
+        writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["class", "precision", "recall", "f1", "support"])
         for i, name in enumerate(names):
-            writer.writerow([name, f"{precision[i]:.4f}", f"{recall[i]:.4f}", f"{f1[i]:.4f}", int(support[i])])
+            writer.writerow([name, *(f"{float(scores[k][i]):.4f}" for k in ("precision", "recall", "f1")),
+                             int(support[i])])
     return path
 
 

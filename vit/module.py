@@ -8,7 +8,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score,
+                                         MulticlassPrecision, MulticlassRecall)
 
 from .checkpoints import load_pretrained
 from .config import ViTConfig, field_names
@@ -121,7 +123,12 @@ class ImageClassifier(L.LightningModule):
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
-        self.test_confmat = MulticlassConfusionMatrix(num_classes)  # read by vit.callbacks.TestReport
+        # read by vit.callbacks.TestReport (confusion matrix PNG, per-class CSV)
+        self.test_confmat = MulticlassConfusionMatrix(num_classes)
+        self.test_per_class = MetricCollection({
+            "precision": MulticlassPrecision(num_classes, average=None),
+            "recall": MulticlassRecall(num_classes, average=None),
+            "f1": MulticlassF1Score(num_classes, average=None)})
         if compile:
             self.model.compile()  # in place: state-dict keys stay free of `_orig_mod.`
 
@@ -161,6 +168,7 @@ class ImageClassifier(L.LightningModule):
         self.test_acc(logits, targets)
         self.test_acc5(logits, targets)
         self.test_confmat(logits, targets)
+        self.test_per_class(logits, targets)
         self.log("test/loss", F.cross_entropy(logits, targets), sync_dist=True)
         self.log("test/acc", self.test_acc)
         self.log("test/acc_top5", self.test_acc5)
