@@ -246,3 +246,18 @@ def test_ddp_two_cpu_processes_train_in_sync(tmp_path):
     assert torch.equal(weights[0], weights[1])
     assert not torch.allclose(weights[0], torch.load(tmp_path / "weights_init.pt", weights_only=True))
     assert ranks[0]["val_acc"] == ranks[1]["val_acc"]  # metric synced across ranks
+
+
+def test_value_ranges_are_checked_while_parsing_shown_in_help_and_stored_as_plain_numbers(tmp_path, monkeypatch,
+                                                                                        capsys):
+    from vit.cli import DEFAULT_CONFIG, cli
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        cli(["fit", "--help"])
+    assert "PositiveFloat" in capsys.readouterr().out  # --model.lr's range, in --help
+    app = cli(["--config", str(DEFAULT_CONFIG), "--model.lr", "0.002", "--data.batch_size", "16"], run=False)
+    # the CLI hands over jsonargparse's range types; checkpoints (weights_only) and hparams.yaml need plain ones
+    assert type(app.model.hparams.lr) is float and type(app.datamodule.hparams.batch_size) is int
+    with pytest.raises(SystemExit):
+        cli(["--config", str(DEFAULT_CONFIG), "--model.label_smoothing", "1.0"], run=False)
+    assert "model.label_smoothing" in capsys.readouterr().err

@@ -16,6 +16,8 @@ from .checkpoints import load_pretrained
 from .config import ViTConfig, field_names
 from .model import VisionTransformer
 from .optim import param_groups, warmup_cosine
+from .ranges import (ClosedUnitInterval, DecayFactor, Fraction, NonNegativeFloat, OpenUnitInterval, PositiveFloat,
+                     plain, range_problems)
 from .registry import model_config
 
 
@@ -94,15 +96,21 @@ class ImageClassifier(L.LightningModule):
                  final_norm: bool | None = None,
                  act_layer: Literal["gelu", "gelu_tanh", "quick_gelu", "silu"] | None = None,
                  mlp_layer: Literal["mlp", "swiglu"] | None = None, class_names: list[str] | None = None,
-                 lr: float = 1e-3, weight_decay: float = 0.05, betas: tuple[float, float] = (0.9, 0.999),
-                 warmup_epochs: float = 1.0, min_lr_ratio: float = 0.01, label_smoothing: float = 0.1,
-                 layer_decay: float | None = None, grad_checkpointing: bool = False, compile: bool = False,
+                 lr: PositiveFloat = 1e-3, weight_decay: NonNegativeFloat = 0.05,
+                 betas: tuple[float, float] = (0.9, 0.999), warmup_epochs: NonNegativeFloat = 1.0,
+                 min_lr_ratio: Fraction = 0.01, label_smoothing: Fraction = 0.1,
+                 layer_decay: DecayFactor | None = None, grad_checkpointing: bool = False, compile: bool = False,
                  pretrained: str | None = None, freeze: Union[int, Literal["none", "backbone"]] = "none",
-                 mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, mix_prob: float = 1.0,
-                 switch_prob: float = 0.5, ema_decay: float | None = None,
+                 mixup_alpha: NonNegativeFloat = 0.0, cutmix_alpha: NonNegativeFloat = 0.0,
+                 mix_prob: ClosedUnitInterval = 1.0, switch_prob: ClosedUnitInterval = 0.5,
+                 ema_decay: OpenUnitInterval | None = None,
                  nonfinite_loss: Literal["error", "skip"] = "error"):
         super().__init__()
-        self.save_hyperparameters()
+        (lr, weight_decay, warmup_epochs, min_lr_ratio, label_smoothing, layer_decay, mixup_alpha, cutmix_alpha,
+         mix_prob, switch_prob, ema_decay) = plain(lr, weight_decay, warmup_epochs, min_lr_ratio, label_smoothing,
+                                                   layer_decay, mixup_alpha, cutmix_alpha, mix_prob, switch_prob,
+                                                   ema_decay)
+        self.save_hyperparameters()  # reads the (now plain) arguments from this frame
         _check_training_args(lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
                              min_lr_ratio=min_lr_ratio, label_smoothing=label_smoothing, layer_decay=layer_decay,
                              nonfinite_loss=nonfinite_loss)
@@ -339,18 +347,12 @@ def _fused_supported(module: L.LightningModule) -> bool:
     return device.type in ("cpu", "cuda")
 
 
-def _check_training_args(**values: float | None) -> None:
-    problems = []
-    if not values["lr"] > 0:
-        problems.append(f"model.lr: expected > 0, got {values['lr']}")
-    for key in ("weight_decay", "warmup_epochs"):
-        if values[key] < 0:
-            problems.append(f"model.{key}: expected >= 0, got {values[key]}")
-    for key in ("min_lr_ratio", "label_smoothing"):
-        if not 0 <= values[key] < 1:
-            problems.append(f"model.{key}: expected a value in [0, 1), got {values[key]}")
-    if values["layer_decay"] is not None and not 0 < values["layer_decay"] <= 1:
-        problems.append(f"model.layer_decay: expected a value in (0, 1], got {values['layer_decay']}")
+def _check_training_args(**values: Any) -> None:
+    problems = range_problems("model", {
+        "lr": (PositiveFloat, values["lr"]), "weight_decay": (NonNegativeFloat, values["weight_decay"]),
+        "warmup_epochs": (NonNegativeFloat, values["warmup_epochs"]),
+        "min_lr_ratio": (Fraction, values["min_lr_ratio"]), "label_smoothing": (Fraction, values["label_smoothing"]),
+        "layer_decay": (DecayFactor, values["layer_decay"])})
     if values["nonfinite_loss"] not in ("error", "skip"):
         problems.append(f"model.nonfinite_loss: expected 'error' or 'skip', got {values['nonfinite_loss']!r}")
     if problems:
@@ -363,13 +365,9 @@ def _check_finetune_args(*, freeze, mixup_alpha, cutmix_alpha, mix_prob, switch_
         freeze = int(freeze)
     if not (freeze in ("none", "backbone") or (isinstance(freeze, int) and freeze >= 0)):
         problems.append(f"model.freeze: expected 'none', 'backbone' or a number of blocks >= 0, got {freeze!r}")
-    for key, value in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
-        if value < 0:
-            problems.append(f"model.{key}: expected >= 0, got {value}")
-    for key, value in (("mix_prob", mix_prob), ("switch_prob", switch_prob)):
-        if not 0 <= value <= 1:
-            problems.append(f"model.{key}: expected a probability in [0, 1], got {value}")
-    if ema_decay is not None and not 0 < ema_decay < 1:
-        problems.append(f"model.ema_decay: expected a value in (0, 1), got {ema_decay}")
+    problems += range_problems("model", {
+        "mixup_alpha": (NonNegativeFloat, mixup_alpha), "cutmix_alpha": (NonNegativeFloat, cutmix_alpha),
+        "mix_prob": (ClosedUnitInterval, mix_prob), "switch_prob": (ClosedUnitInterval, switch_prob),
+        "ema_decay": (OpenUnitInterval, ema_decay)})
     if problems:
         raise ValueError("invalid fine-tuning configuration:\n  " + "\n  ".join(problems))
