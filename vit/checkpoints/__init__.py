@@ -23,7 +23,8 @@ from ..files import atomic_path
 from ..model import VisionTransformer
 from ..pos_embed import resample_patch_kernel, resample_pos_embed
 from ..registry import model_config
-from . import deit3, dinov2, hf, npz, timm, torchvision
+from . import deit3, dinov2, hf, npz, openclip, timm, torchvision
+from . import hf_clip, hf_dinov2, hf_siglip
 from ._arch import _grid, architecture_of, infer_architecture
 from ._common import CheckpointError
 from ._read import RawCheckpoint, read
@@ -34,7 +35,9 @@ __all__ = ["CheckpointError", "load_pretrained", "save_pretrained", "export_stat
 log = logging.getLogger(__name__)
 
 # Detection order: dinov2 and deit3 files also have timm's signature key, so they come before timm.
-FORMATS = {m.NAME: m for m in (dinov2, deit3, timm, torchvision, hf, npz)}
+# Hugging Face DINOv2 files also have hf's (ViT) signature key, so hf_dinov2 comes before hf.
+FORMATS = {m.NAME: m for m in (dinov2, deit3, timm, torchvision, hf_dinov2, hf, hf_clip, hf_siglip, npz,
+                                  openclip)}
 # format -> the regex of one key only that format has. Checked after wrapper prefixes are allowed for.
 SIGNATURES: dict[str, str] = {name: module.SIGNATURE for name, module in FORMATS.items()}
 # What wraps a model's keys: DataParallel/DDP (module.), Lightning modules (model., net.), torch.compile.
@@ -82,11 +85,16 @@ def _hints_and_meta(raw: RawCheckpoint, fmt: str, state_dict: Mapping[str, torch
     if fmt == "hf":
         hints, extra = hf.read_config(config, raw.preprocessor)
         meta.update(extra)
+    elif fmt in (hf_dinov2.NAME, hf_clip.NAME, hf_siglip.NAME):  # each family's own keys and defaults
+        hints, extra = FORMATS[fmt].read_config(config, raw.preprocessor)
+        meta.update(extra)
     elif fmt == "npz":
         hints = {"num_heads": npz.num_heads(raw.state_dict)}
     elif config:
         hints, extra = timm.read_config(config)
         meta.update(extra)
+    if hasattr(FORMATS[fmt], "hints"):  # what a family's files imply but do not store (heads, QuickGELU)
+        hints = {**FORMATS[fmt].hints(raw.state_dict), **hints}
     if fmt == "timm" and "dist_token" in state_dict and meta.get("mean") is None:
         meta.update(hf._DEIT_DEFAULTS)  # DeiT's distilled weights: ImageNet normalisation, bicubic
     hints.update(raw.meta.get("hints", {}))
@@ -325,10 +333,33 @@ def save_pretrained(model: VisionTransformer, directory: str | os.PathLike, clas
     return directory
 
 
+def hf_module(model: VisionTransformer | Mapping[str, Any]):
+    """The Hugging Face map that fits a model (or its architecture dict): ``hf_dinov2`` for LayerScale with a
+    class token (``Dinov2Model``, ``Dinov2WithRegistersModel``), ``hf_clip`` for ``pre_norm``
+    (``CLIPVisionModelWithProjection``), ``hf_siglip`` for ``map`` pooling (``SiglipVisionModel``), else ``hf``
+    (``ViTForImageClassification``). Its ``from_timm`` writes the weights, its ``config`` the config.json.
+
+    Example:
+        >>> m = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=0,
+        ...                       class_token=False, global_pool="map")
+        >>> hf_module(m).config(architecture_of(m))["architectures"]
+        ['SiglipVisionModel']
+    """
+    arch = architecture_of(model) if isinstance(model, VisionTransformer) else model
+    if arch.get("init_values") and arch.get("class_token", True):
+        return hf_dinov2
+    if arch.get("pre_norm"):
+        return hf_clip
+    if arch.get("global_pool") == "map":
+        return hf_siglip
+    return hf
+
+
 def export_state_dict(model: VisionTransformer, format: str = "timm", **options: Any) -> dict[str, Any]:
-    """Our weights in another library's layout: ``"timm"``, ``"torchvision"``, ``"hf"`` (file names, with
-    ``vit.checkpoints.hf.config(architecture_of(model))`` for its config.json) or ``"npz"`` (numpy arrays for
-    ``np.savez``; ``big_vision=True`` for that convention).
+    """Our weights in another library's layout: ``"timm"``, ``"torchvision"``, ``"hf"`` (file names of the
+    Hugging Face class that fits the model, see ``hf_module``; ``hf_module(model).config(architecture_of(model))``
+    is its config.json), ``"npz"`` (numpy arrays for ``np.savez``; ``big_vision=True`` for that convention), or an
+    original release's layout: ``"openclip"`` (OpenAI CLIP / OpenCLIP image tower), ``"dinov2"``, ``"deit3"``.
 
     Example:
         >>> m = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=2)
@@ -342,7 +373,9 @@ def export_state_dict(model: VisionTransformer, format: str = "timm", **options:
     if format == "torchvision":
         return torchvision.from_timm(state_dict, arch)
     if format == "hf":
-        return hf.from_timm(state_dict, arch)
+        return hf_module(arch).from_timm(state_dict, arch)
     if format == "npz":
         return npz.from_timm(state_dict, arch, **options)
-    raise ValueError(f"format: expected one of timm, torchvision, hf, npz; got {format!r}")
+    if format in (openclip.NAME, dinov2.NAME, deit3.NAME):
+        return FORMATS[format].from_timm(state_dict, arch, **options)
+    raise ValueError(f"format: expected one of timm, torchvision, hf, npz, openclip, dinov2, deit3; got {format!r}")

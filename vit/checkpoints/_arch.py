@@ -91,7 +91,8 @@ def infer_architecture(state_dict: Mapping[str, torch.Tensor], hints: Mapping[st
         mlp_ratio=fc1.shape[0] / embed_dim, qkv_bias="blocks.0.attn.qkv.bias" in state_dict,
         global_pool=global_pool, class_token=class_token, distilled=distilled,
         fc_norm=has_fc_norm if (has_fc_norm or has_norm) else None, final_norm=has_fc_norm or has_norm,
-        norm_eps=float(hints.get("norm_eps") or 1e-6), dynamic_img_size=bool(hints.get("dynamic_img_size", False)),
+        norm_eps=float(hints.get("norm_eps") or (1e-5 if "norm_pre.weight" in state_dict else 1e-6)),  # CLIP: 1e-5
+        dynamic_img_size=bool(hints.get("dynamic_img_size", False)),
         # the gammas are loaded; init_values only says that LayerScale is there
         init_values=(hints.get("init_values") or 1e-5) if ls is not None else None,
         reg_tokens=reg_tokens, no_embed_class=no_embed_class, pre_norm="norm_pre.weight" in state_dict,

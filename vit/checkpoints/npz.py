@@ -5,6 +5,8 @@ original ViT / AugReg: ``LayerNorm_0, MultiHeadDotProductAttention_1, LayerNorm_
 ``Transformer/encoderblock_N/`` per block; big_vision: ``LayerNorm_0, MultiHeadDotProductAttention_0,
 LayerNorm_1, MlpBlock_0``, often scanned (one ``Transformer/encoderblock/`` whose arrays stack the blocks
 on axis 0), with the position embedding at ``pos_embedding``. Both are read; both can be written.
+SigLIP image towers (``params/img/``) have no class token and pool with ``MAPHead_0`` (a learned ``probe``
+attending to the tokens, then ``LayerNorm_0`` and a residual ``MlpBlock_0``): our ``attn_pool``.
 Flax kernels are (in, out) and HWIO; attention kernels keep the head axis: query (D, heads, D/heads).
 These weights expect mean = std = 0.5; the JAX code resizes position embeddings bilinearly.
 """
@@ -23,6 +25,9 @@ NAME = "npz"
 SIGNATURE = r"(?:opt/target/|params/img/|params/)?embedding/kernel"
 DEFAULTS: dict[str, Any] = {"mean": list(HALF), "std": list(HALF), "interpolation": "bicubic", "crop_pct": 0.9}
 HEAD_EXTRAS = ("pre_logits/",)  # the representation layer of original in21k weights; feeds the head only
+# our keys from_timm writes; any other (LayerScale, registers, norm_pre) has no place in the layout
+_EXPORTED = re.compile(r"^(?:patch_embed\.proj\.|pos_embed$|cls_token$|norm\.|head\.|attn_pool\.|blocks\.\d+\."
+                       r"(?:norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.)")
 
 
 def _prefix(keys) -> str:
@@ -70,6 +75,22 @@ def to_timm(arrays: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     put("norm.bias", lambda: take("Transformer/encoder_norm/bias"))
     put("head.weight", lambda: take("head/kernel").T)
     put("head.bias", lambda: take("head/bias"))
+    # big_vision's MAP head (SigLIP): a probe attends to the tokens, then a residual MLP; key and value fused
+    # into timm's kv in that order
+    put("attn_pool.latent", lambda: take("MAPHead_0/probe").reshape(1, -1, take("MAPHead_0/probe").shape[-1]))
+    head_att = "MAPHead_0/MultiHeadDotProductAttention_0/"
+    put("attn_pool.q.weight", lambda: take(f"{head_att}query/kernel").flatten(1).T)
+    put("attn_pool.q.bias", lambda: take(f"{head_att}query/bias").reshape(-1))
+    put("attn_pool.kv.weight", lambda: torch.cat(
+        [take(f"{head_att}{n}/kernel").flatten(1).T for n in ("key", "value")]))
+    put("attn_pool.kv.bias", lambda: torch.cat([take(f"{head_att}{n}/bias").reshape(-1) for n in ("key", "value")]))
+    put("attn_pool.proj.weight", lambda: take(f"{head_att}out/kernel").flatten(0, 1).T)
+    put("attn_pool.proj.bias", lambda: take(f"{head_att}out/bias"))
+    put("attn_pool.norm.weight", lambda: take("MAPHead_0/LayerNorm_0/scale"))
+    put("attn_pool.norm.bias", lambda: take("MAPHead_0/LayerNorm_0/bias"))
+    for r in range(2):
+        put(f"attn_pool.mlp.fc{r + 1}.weight", lambda: take(f"MAPHead_0/MlpBlock_0/Dense_{r}/kernel").T)
+        put(f"attn_pool.mlp.fc{r + 1}.bias", lambda: take(f"MAPHead_0/MlpBlock_0/Dense_{r}/bias"))
 
     stacked = "Transformer/encoderblock/LayerNorm_0/scale" in w
     original = any("MultiHeadDotProductAttention_1/" in k for k in w)
@@ -118,6 +139,8 @@ def from_timm(state_dict: Mapping[str, torch.Tensor], architecture: Mapping[str,
               big_vision: bool = False) -> dict[str, np.ndarray]:
     """Ours -> Google layout as numpy arrays for ``np.savez``: the original ViT convention, or with
     ``big_vision=True`` big_vision's (scanned blocks, ``_0/_0/_1`` indices, root ``pos_embedding``).
+    Attention pooling is written as big_vision's ``MAPHead_0``; what the layout cannot hold (LayerScale,
+    registers, ``norm_pre``, SwiGLU, a distillation token, ``fc_norm``) raises ``CheckpointError``.
 
     Example:
         >>> from vit import VisionTransformer
@@ -127,6 +150,12 @@ def from_timm(state_dict: Mapping[str, torch.Tensor], architecture: Mapping[str,
     """
     if architecture.get("distilled") or architecture.get("fc_norm"):
         raise CheckpointError("the Google .npz layout has no distillation token and no fc_norm")
+    if architecture.get("mlp_layer", "mlp") != "mlp":
+        raise CheckpointError(f"the Google .npz layout has plain MLPs only, not {architecture['mlp_layer']!r}")
+    # anything else would be dropped without a word: LayerScale, registers, CLIP's norm_pre
+    unwritable = sorted(k for k in state_dict if not _EXPORTED.match(k))
+    if unwritable:
+        raise CheckpointError(f"the Google .npz layout has no place for {', '.join(unwritable)}")
     heads = architecture["num_heads"]
     sd = {k: v.detach().float().cpu() for k, v in state_dict.items()}
     out: dict[str, torch.Tensor] = {
@@ -142,6 +171,8 @@ def from_timm(state_dict: Mapping[str, torch.Tensor], architecture: Mapping[str,
     if "head.weight" in sd:
         out["head/kernel"] = sd["head.weight"].T
         out["head/bias"] = sd["head.bias"]
+    if "attn_pool.latent" in sd:
+        out.update(_map_head(sd, heads))
     mha, mlp, ln2 = (0, 0, 1) if big_vision else (1, 3, 2)
     per_block: list[dict[str, torch.Tensor]] = []
     for i in block_indices(sd, r"^blocks\.(\d+)\."):
@@ -168,3 +199,25 @@ def from_timm(state_dict: Mapping[str, torch.Tensor], architecture: Mapping[str,
         for i, block in enumerate(per_block):
             out.update({f"Transformer/encoderblock_{i}/{name}": v for name, v in block.items()})
     return {k: np.ascontiguousarray(v.numpy()) for k, v in out.items()}
+
+
+def _map_head(sd: Mapping[str, torch.Tensor], heads: int) -> dict[str, torch.Tensor]:
+    """Our attention pool -> big_vision's ``MAPHead_0`` (Flax MHA kernels keep the head axis)."""
+    dim = sd["attn_pool.latent"].shape[-1]
+    att = "MAPHead_0/MultiHeadDotProductAttention_0/"
+    zeros = torch.zeros(dim)  # no bias = zero bias in Flax's Dense
+    key, value = sd["attn_pool.kv.weight"].chunk(2)
+    key_bias, value_bias = sd.get("attn_pool.kv.bias", torch.zeros(2 * dim)).chunk(2)
+    out = {"MAPHead_0/probe": sd["attn_pool.latent"]}
+    for name, weight, bias in (("query", sd["attn_pool.q.weight"], sd.get("attn_pool.q.bias", zeros)),
+                               ("key", key, key_bias), ("value", value, value_bias)):
+        out[f"{att}{name}/kernel"] = weight.T.reshape(dim, heads, dim // heads)
+        out[f"{att}{name}/bias"] = bias.reshape(heads, dim // heads)
+    out[f"{att}out/kernel"] = sd["attn_pool.proj.weight"].T.reshape(heads, dim // heads, dim)
+    out[f"{att}out/bias"] = sd["attn_pool.proj.bias"]
+    out["MAPHead_0/LayerNorm_0/scale"] = sd["attn_pool.norm.weight"]
+    out["MAPHead_0/LayerNorm_0/bias"] = sd["attn_pool.norm.bias"]
+    for r in range(2):
+        out[f"MAPHead_0/MlpBlock_0/Dense_{r}/kernel"] = sd[f"attn_pool.mlp.fc{r + 1}.weight"].T
+        out[f"MAPHead_0/MlpBlock_0/Dense_{r}/bias"] = sd[f"attn_pool.mlp.fc{r + 1}.bias"]
+    return out
