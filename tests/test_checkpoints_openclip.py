@@ -3,6 +3,7 @@ projection and every token after ``ln_post`` agree (<= 1e-4) in fp32, with every
 from __future__ import annotations
 
 import copy
+import json
 import logging
 
 import pytest
@@ -135,6 +136,18 @@ def test_open_clip_config_tells_what_the_weights_cannot(tmp_path, quick_gelu):
     assert meta == {"mean": [0.5] * 3, "std": [0.5] * 3}
     torch.save(clip.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
     _assert_parity(vit.load_pretrained(tmp_path / "open_clip_pytorch_model.bin", model=hints), clip, _x())
+    # an OpenCLIP hub repository's layout: the directory alone says it all (open_clip_config.json is read)
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    model = vit.load_pretrained(tmp_path)
+    assert model.config.act_layer == ("quick_gelu" if quick_gelu else "gelu")
+    assert model.pretrained_cfg["mean"] == [0.5] * 3
+    _assert_parity(model, clip, _x())
+
+
+def test_torchscript_archive_is_named_with_what_to_do(tmp_path):
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "ViT-B-32.pt")
+    with pytest.raises(CheckpointError, match="TorchScript archive.*torch.jit.load.*state_dict"):
+        vit.load_pretrained(tmp_path / "ViT-B-32.pt")
 
 
 # ---- OpenCLIP towers built on timm ---------------------------------------------------------------------------

@@ -95,3 +95,24 @@ def test_cli_fine_tunes_each_family(name, tmp_path, monkeypatch):
         (want.act_layer, want.global_pool, want.reg_tokens)
     assert app.datamodule.mean == pytest.approx(FAMILIES[name][1])  # the weights' normalisation
     assert app.trainer.global_step > 0 and torch.isfinite(app.trainer.callback_metrics["val/loss"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["dinov2-registers", "clip-model", "siglip"])
+def test_cli_fine_tunes_hugging_face_checkpoints(family, tmp_path, monkeypatch):
+    from test_checkpoints_hf_families import _clip, _dinov2, _siglip
+    reference = {"dinov2-registers": lambda: _dinov2(registers=4), "clip-model": lambda: _clip("CLIPModel"),
+                 "siglip": _siglip}[family]()
+    reference.save_pretrained(tmp_path / "weights")
+    images = write_image_folder(tmp_path / "images", classes=("cat", "dog", "fox"), per_class=4, size=40)
+    monkeypatch.chdir(tmp_path)
+    app = cli(["fit", "--config", str(vit.cli.DEFAULT_CONFIG.parent / "finetune" / "full.yaml"),
+               "--data.root", str(images), "--data.img_size", "40", "--data.batch_size", "4",
+               "--data.num_workers", "0", "--model.pretrained", str(tmp_path / "weights"),
+               "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+               "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
+    model = app.model.model
+    assert model.num_classes == 3 and model.img_size == (40, 40)  # 4x4 grid resampled to 5x5, new head
+    expected_mean = {"dinov2-registers": 0.485, "clip-model": 0.48145466, "siglip": 0.5}[family]
+    assert app.datamodule.mean[0] == pytest.approx(expected_mean)
+    assert app.trainer.global_step > 0 and torch.isfinite(app.trainer.callback_metrics["val/loss"])

@@ -90,6 +90,9 @@ def _hints_and_meta(raw: RawCheckpoint, fmt: str, state_dict: Mapping[str, torch
         meta.update(extra)
     elif fmt == "npz":
         hints = {"num_heads": npz.num_heads(raw.state_dict)}
+    elif fmt == openclip.NAME and config:  # open_clip_config.json
+        hints, extra = openclip.read_config(config)
+        meta.update(extra)
     elif config:
         hints, extra = timm.read_config(config)
         meta.update(extra)

@@ -24,7 +24,9 @@ from ..config import ViTConfig
 from ..registry import MODELS
 from ._common import CheckpointError
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# Hugging Face / timm names first; OpenCLIP's own files where a repository holds only those
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+CONFIG_FILES = ("config.json", "open_clip_config.json")
 _NESTED = ("state_dict", "model", "module", "model_state_dict", "model_state")
 
 
@@ -81,7 +83,7 @@ def _read_directory(files: Mapping[str, Path], name: str) -> RawCheckpoint:
                                   f"found {candidates or 'none'}{shards}")
         weights = files[candidates[0]]
     raw = _read_file(Path(weights))
-    raw.config = _read_json(files.get("config.json"))
+    raw.config = next((_read_json(files[f]) for f in CONFIG_FILES if f in files), None)
     raw.preprocessor = _read_json(files.get("preprocessor_config.json"))
     return raw
 
@@ -100,6 +102,11 @@ def _container(path: Path) -> str:
         except (zipfile.BadZipFile, OSError, ValueError) as error:
             raise CheckpointError(f"{path}: a damaged zip archive ({error})") from error
         if any(n.endswith("data.pkl") for n in names):
+            if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
+                raise CheckpointError(
+                    f"{path}: a TorchScript archive (as OpenAI's CLIP .pt files are), not a state dict; load it "
+                    f"with torch.jit.load if you trust it, then pass its .state_dict() to vit.load_pretrained "
+                    f"(OpenAI's three extra entries there mark it as QuickGELU)")
             return "torch"
         if names and all(n.endswith(".npy") for n in names):
             return "npz"
@@ -278,7 +285,7 @@ def resolve_hub(name: str) -> tuple[dict[str, Path], str]:
             f"and no copy is cached in {where}. Download it where there is internet "
             f"(`hf download {repo}`) and copy the cache, or pass a local path instead: "
             f"vit.load_pretrained('path/to/model.safetensors' or 'path/to/directory').")
-    for filename in ("config.json", "preprocessor_config.json"):
+    for filename in (*CONFIG_FILES, "preprocessor_config.json"):
         found = fetch(filename)
         if found is not None:
             files[filename] = found
