@@ -231,3 +231,57 @@ def test_forward_intermediates_checks_its_arguments(tiny_model):
         tiny_model.forward_intermediates(torch.zeros(1, 3, 32, 32), output_fmt="NHWC")
     with pytest.raises(ValueError, match="indices"):
         tiny_model.forward_intermediates(torch.zeros(1, 3, 32, 32), indices=5)
+
+
+# ---- small-dataset options: Shifted Patch Tokenization and Locality Self-Attention (Lee et al. 2021) ----------
+def test_shifted_patch_tokens_see_half_a_patch_of_their_neighbours():
+    from vit.layers import PatchEmbed, ShiftedPatchEmbed
+    torch.manual_seed(0)
+    spt, conv = ShiftedPatchEmbed(16, 4, 3, 32).eval(), PatchEmbed(16, 4, 3, 32).eval()
+    x = torch.randn(1, 3, 16, 16)
+    nudged = x.clone()
+    nudged[..., 5, 5] += 1.0  # a pixel of patch (1, 1), 1-2 px from patch (0, 0)'s corner
+    with torch.no_grad():
+        changed = lambda layer: (layer(nudged) - layer(x)).abs().amax(-1)[0]  # per token
+        assert changed(spt)[0] > 0 and changed(conv)[0] == 0  # patch (0, 0) sees it only through the shifts
+        assert changed(spt)[15] == 0  # a far patch does not
+    # the reference: the image and its four diagonal half-patch shifts, stacked on channels, cut into patches
+    shifts = [torch.nn.functional.pad(x, pad)[..., t:t + 16, l:l + 16] for pad, t, l in
+              (((2, 0, 2, 0), 0, 0), ((0, 2, 2, 0), 0, 2), ((2, 0, 0, 2), 2, 0), ((0, 2, 0, 2), 2, 2))]
+    stacked = torch.cat([x, *shifts], dim=1)
+    patches = stacked.unfold(2, 4, 4).unfold(3, 4, 4).permute(0, 2, 3, 1, 4, 5).reshape(1, 16, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(spt(x), spt.proj(spt.norm(patches)))
+    assert torch.equal(shifts[0][..., 2:, 2:], x[..., :14, :14])  # content moved down-right by half a patch
+    assert torch.equal(shifts[3][..., :14, :14], x[..., 2:, 2:])  # ... and up-left
+
+
+def test_locality_self_attention_masks_the_diagonal_and_learns_its_temperature():
+    from vit.layers import Attention
+    torch.manual_seed(0)
+    attn = Attention(32, num_heads=2, locality=True).eval()
+    with torch.no_grad():
+        attn.scale.fill_(0.7)
+    x = torch.randn(2, 5, 32)
+    q, k, v = attn._qkv(x)
+    logits = 0.7 * q @ k.transpose(-2, -1)
+    weights = logits.masked_fill(torch.eye(5, dtype=torch.bool), float("-inf")).softmax(-1)
+    expected = attn.proj((weights @ v).transpose(1, 2).reshape(2, 5, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
+        assert attn.attention_map(x).diagonal(dim1=-2, dim2=-1).abs().max() == 0
+    attn(x).sum().backward()
+    assert attn.scale.grad is not None and attn.scale.grad != 0
+
+
+def test_small_dataset_options_train_save_and_load():
+    model = vit.VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=10,
+                                  embed_layer="spt", attn_layer="lsa").eval()
+    assert {"blocks.0.attn.scale", "patch_embed.norm.weight"} <= model.no_weight_decay()
+    loaded = vit.load_pretrained(model.state_dict(), model={"num_heads": 2})  # read from the weights alone
+    assert (loaded.config.embed_layer, loaded.config.attn_layer) == ("spt", "lsa")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    with pytest.raises(ValueError, match="embed_layer"):
+        vit.ViTConfig(embed_layer="shifted")

@@ -14,6 +14,8 @@ from typing import Any, Mapping
 GLOBAL_POOLS = ("token", "avg", "map", "")  # "map": attention pooling (SigLIP); "": no pooling, all tokens
 ACT_LAYERS = ("gelu", "gelu_tanh", "quick_gelu", "silu")
 MLP_LAYERS = ("mlp", "swiglu")
+EMBED_LAYERS = ("conv", "spt")
+ATTN_LAYERS = ("mha", "lsa")
 # Regularisation, not architecture: a checkpoint cannot tell them and a config read back from one leaves them 0.
 TRAINING_FIELDS = ("drop_rate", "attn_drop_rate", "drop_path_rate")
 
@@ -52,6 +54,10 @@ class ViTConfig:
         act_layer: MLP activation: ``"gelu"``, ``"gelu_tanh"`` (SigLIP), ``"quick_gelu"`` (OpenAI CLIP),
             ``"silu"``.
         mlp_layer: ``"mlp"`` or ``"swiglu"`` (packed SwiGLU, DINOv2 giant; the hidden width is split in two).
+        embed_layer: ``"conv"`` (the ViT patch projection) or ``"spt"`` (Shifted Patch Tokenization, for small
+            datasets; Lee et al. 2021).
+        attn_layer: ``"mha"`` or ``"lsa"`` (Locality Self-Attention: learned temperature, no self-attention to
+            the token itself; Lee et al. 2021).
 
     Example:
         >>> config = ViTConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
@@ -89,6 +95,8 @@ class ViTConfig:
     final_norm: bool = True
     act_layer: str = "gelu"
     mlp_layer: str = "mlp"
+    embed_layer: str = "conv"
+    attn_layer: str = "mha"
 
     def __post_init__(self) -> None:
         size = self.img_size
@@ -213,6 +221,12 @@ def _problems(config: ViTConfig) -> list[str]:
         problems.append(f"act_layer: expected one of {', '.join(ACT_LAYERS)}, got {config.act_layer!r}")
     if config.mlp_layer not in MLP_LAYERS:
         problems.append(f"mlp_layer: expected one of {', '.join(MLP_LAYERS)}, got {config.mlp_layer!r}")
+    if config.embed_layer not in EMBED_LAYERS:
+        problems.append(f"embed_layer: expected one of {', '.join(EMBED_LAYERS)}, got {config.embed_layer!r}")
+    if config.attn_layer not in ATTN_LAYERS:
+        problems.append(f"attn_layer: expected one of {', '.join(ATTN_LAYERS)}, got {config.attn_layer!r}")
+    if config.embed_layer == "spt" and config.pre_norm:
+        problems.append("embed_layer 'spt' has no bias to drop: it cannot be combined with pre_norm")
     if config.mlp_layer == "swiglu" and isinstance(config.embed_dim, int) and mlp_hidden(config) % 2:
         problems.append(f"mlp_layer 'swiglu' splits the MLP's hidden width in two: embed_dim x mlp_ratio = "
                         f"{mlp_hidden(config)} must be even")

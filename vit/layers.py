@@ -31,15 +31,52 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2)  # -> (B, N, D)
 
 
+class ShiftedPatchEmbed(nn.Module):
+    """Shifted Patch Tokenization (Lee et al. 2021, "Vision Transformer for Small-Size Datasets"): the image and
+    four copies shifted diagonally by half a patch are cut into patches together, so each token also sees its
+    neighbours' pixels; then LayerNorm and a linear projection. (B, C, H, W) -> (B, N, D).
+
+    Example:
+        >>> ShiftedPatchEmbed(img_size=32, patch_size=4, embed_dim=64)(torch.zeros(2, 3, 32, 32)).shape
+        torch.Size([2, 64, 64])
+    """
+
+    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
+                 embed_dim: int = 768):
+        super().__init__()
+        self.img_size = to_2tuple(img_size)
+        self.patch_size = to_2tuple(patch_size)
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        patch_dim = 5 * in_chans * self.patch_size[0] * self.patch_size[1]
+        self.norm = nn.LayerNorm(patch_dim)
+        self.proj = nn.Linear(patch_dim, embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dy, dx = self.patch_size[0] // 2, self.patch_size[1] // 2
+        # zero-padded shifts towards the four corners: (left, right, top, bottom) padding, then crop back
+        shifted = [F.pad(x, pad)[..., top:top + x.shape[-2], left:left + x.shape[-1]]
+                   for pad, top, left in (((dx, 0, dy, 0), 0, 0), ((0, dx, dy, 0), 0, dx),
+                                          ((dx, 0, 0, dy), dy, 0), ((0, dx, 0, dy), dy, dx))]
+        x = torch.cat([x, *shifted], dim=1)  # (B, C, H, W) -> (B, 5C, H, W)
+        patches = F.unfold(x, kernel_size=self.patch_size, stride=self.patch_size)  # -> (B, 5C*p*p, N)
+        return self.proj(self.norm(patches.transpose(1, 2)))  # -> (B, N, D)
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention, fused through ``scaled_dot_product_attention``."""
+    """Multi-head self-attention, fused through ``scaled_dot_product_attention``.
+
+    ``locality=True`` is Locality Self-Attention (Lee et al. 2021): a learned temperature instead of the fixed
+    1/sqrt(head_dim), and no token attends to itself, which sharpens attention on small datasets."""
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0):
+                 proj_drop: float = 0.0, locality: bool = False):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
+        self.locality = locality
+        # LSA: the scale is learned (starting at the usual value); a Parameter, so checkpoints keep it
+        self.scale = nn.Parameter(torch.tensor(self.head_dim ** -0.5)) if locality else self.head_dim ** -0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
@@ -51,17 +88,30 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return qkv.unbind(0)
 
+    def _locality(self, q: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """LSA: q rescaled so that SDPA's fixed scale becomes the learned one; a mask without the diagonal."""
+        if not self.locality:
+            return q, None
+        mask = ~torch.eye(n, dtype=torch.bool, device=q.device)  # True = may attend
+        return q * (self.scale * self.head_dim ** 0.5), mask
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self._qkv(x)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        q, mask = self._locality(q, N)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, heads, N, C/heads) -> (B, N, C)
         return self.proj_drop(self.proj(x))
 
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
         """Softmax attention weights (B, heads, N, N), computed explicitly (the fused path never forms them)."""
         q, k, _ = self._qkv(x)
-        return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        q, mask = self._locality(q, x.shape[1])
+        logits = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        return logits.softmax(dim=-1)
 
 
 class QuickGELU(nn.Module):
@@ -128,7 +178,7 @@ class Block(nn.Module):
         dim, eps = config.embed_dim, config.norm_eps
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, config.num_heads, qkv_bias=config.qkv_bias, attn_drop=config.attn_drop_rate,
-                              proj_drop=config.drop_rate)
+                              proj_drop=config.drop_rate, locality=config.attn_layer == "lsa")
         self.ls1 = LayerScale(dim, config.init_values) if config.init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=eps)

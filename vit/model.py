@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ViTConfig
-from .layers import AttentionPool, Block, LayerScale, PatchEmbed
+from .layers import AttentionPool, Block, LayerScale, PatchEmbed, ShiftedPatchEmbed
 from .pos_embed import resample_pos_embed
 
 
@@ -50,8 +50,11 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = False
 
         # CLIP: the LayerNorm after the position embedding replaces the patch projection's bias
-        self.patch_embed = PatchEmbed(config.img_size, config.patch_size, config.in_chans, embed_dim,
-                                      bias=not config.pre_norm)
+        if config.embed_layer == "spt":
+            self.patch_embed = ShiftedPatchEmbed(config.img_size, config.patch_size, config.in_chans, embed_dim)
+        else:
+            self.patch_embed = PatchEmbed(config.img_size, config.patch_size, config.in_chans, embed_dim,
+                                          bias=not config.pre_norm)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if config.class_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, config.reg_tokens, embed_dim)) if config.reg_tokens else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if config.distilled else None
@@ -223,6 +226,8 @@ class VisionTransformer(nn.Module):
                 names.update(prefix + n for n, _ in module.named_parameters(recurse=False))
             elif getattr(module, "bias", None) is not None:
                 names.add(prefix + "bias")
+            if isinstance(getattr(module, "scale", None), nn.Parameter):  # LSA's learned temperature
+                names.add(prefix + "scale")
         return {n for n, _ in self.named_parameters() if n in names}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -60,6 +60,8 @@ class ImageClassifier(L.LightningModule):
         final_norm: the final LayerNorm at all; None = the architecture's.
         act_layer: MLP activation: gelu, gelu_tanh (SigLIP), quick_gelu (OpenAI CLIP), silu; None = the arch's.
         mlp_layer: "mlp" or "swiglu" (DINOv2 giant); None = the architecture's.
+        embed_layer: "conv" or "spt" (Shifted Patch Tokenization, for small datasets); None = the architecture's.
+        attn_layer: "mha" or "lsa" (Locality Self-Attention, for small datasets); None = the architecture's.
         class_names: class names saved in checkpoints for prediction (the CLI links them from data.class_names).
         lr: peak AdamW learning rate, reached after the warm-up (scaled per layer by layer_decay).
         weight_decay: AdamW weight decay; never applied to position embeddings, class token, norms and biases.
@@ -95,7 +97,8 @@ class ImageClassifier(L.LightningModule):
                  reg_tokens: int | None = None, no_embed_class: bool | None = None, pre_norm: bool | None = None,
                  final_norm: bool | None = None,
                  act_layer: Literal["gelu", "gelu_tanh", "quick_gelu", "silu"] | None = None,
-                 mlp_layer: Literal["mlp", "swiglu"] | None = None, class_names: list[str] | None = None,
+                 mlp_layer: Literal["mlp", "swiglu"] | None = None, embed_layer: Literal["conv", "spt"] | None = None,
+                 attn_layer: Literal["mha", "lsa"] | None = None, class_names: list[str] | None = None,
                  lr: PositiveFloat = 1e-3, weight_decay: NonNegativeFloat = 0.05,
                  betas: tuple[float, float] = (0.9, 0.999), warmup_epochs: NonNegativeFloat = 1.0,
                  min_lr_ratio: Fraction = 0.01, label_smoothing: Fraction = 0.1,

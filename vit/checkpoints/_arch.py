@@ -57,9 +57,18 @@ def infer_architecture(state_dict: Mapping[str, torch.Tensor], hints: Mapping[st
     """
     hints = dict(hints or {})
     weight = state_dict.get("patch_embed.proj.weight")
-    if weight is None or weight.ndim != 4:
+    spt = weight is not None and weight.ndim == 2 and "patch_embed.norm.weight" in state_dict
+    if spt:  # Shifted Patch Tokenization: a linear projection of 5 x channels x patch x patch values
+        in_chans = int(hints.get("in_chans") or 3)
+        patch = math.isqrt(weight.shape[1] // (5 * in_chans))
+        if 5 * in_chans * patch * patch != weight.shape[1]:
+            raise CheckpointError(f"{name}: a shifted-patch embedding of {weight.shape[1]} inputs does not fit "
+                                  f"{in_chans} channels; pass model={{'in_chans': C}}")
+        embed_dim, patch_h, patch_w = weight.shape[0], patch, patch
+    elif weight is None or weight.ndim != 4:
         raise CheckpointError(f"{name}: no 4-D patch embedding (patch_embed.proj.weight); cannot infer the model")
-    embed_dim, in_chans, patch_h, patch_w = weight.shape
+    else:
+        embed_dim, in_chans, patch_h, patch_w = weight.shape
     if patch_h != patch_w:
         raise CheckpointError(f"{name}: non-square patches {patch_h}x{patch_w} are not supported")
     depth = len({m.group(1) for k in state_dict if (m := re.match(r"^blocks\.(\d+)\.", k))})
@@ -96,7 +105,8 @@ def infer_architecture(state_dict: Mapping[str, torch.Tensor], hints: Mapping[st
         # the gammas are loaded; init_values only says that LayerScale is there
         init_values=(hints.get("init_values") or 1e-5) if ls is not None else None,
         reg_tokens=reg_tokens, no_embed_class=no_embed_class, pre_norm="norm_pre.weight" in state_dict,
-        act_layer=hints.get("act_layer") or ("silu" if swiglu else "gelu"), mlp_layer="swiglu" if swiglu else "mlp")
+        act_layer=hints.get("act_layer") or ("silu" if swiglu else "gelu"), mlp_layer="swiglu" if swiglu else "mlp",
+        embed_layer="spt" if spt else "conv", attn_layer="lsa" if "blocks.0.attn.scale" in state_dict else "mha")
 
 
 def _position_layout(length: int, prefix: int, patch: tuple[int, int], hints: Mapping[str, Any], name: str
