@@ -261,3 +261,21 @@ def test_value_ranges_are_checked_while_parsing_shown_in_help_and_stored_as_plai
     with pytest.raises(SystemExit):
         cli(["--config", str(DEFAULT_CONFIG), "--model.label_smoothing", "1.0"], run=False)
     assert "model.label_smoothing" in capsys.readouterr().err
+
+
+def test_small_data_recipe_trains_to_its_time_budget_and_tests_the_final_weights(tmp_path, monkeypatch, capsys):
+    from conftest import write_image_folder
+    from vit.cli import DEFAULT_CONFIG, main
+    images = write_image_folder(tmp_path / "images", classes=("cat", "dog", "fox"), per_class=6, size=32)
+    monkeypatch.chdir(tmp_path)
+    app = main(["--config", str(DEFAULT_CONFIG.parent / "small_data.yaml"), "--data.root", str(images),
+                "--trainer.max_time", "00:00:00:08", "--model.embed_dim", "32", "--model.depth", "1",
+                "--model.num_heads", "2", "--data.batch_size", "8", "--data.num_workers", "0",
+                "--trainer.enable_progress_bar", "false"])
+    model = app.model.model
+    assert (model.config.embed_layer, model.config.attn_layer, app.model.hparams.schedule) == ("spt", "lsa", "budget")
+    timer = next(c for c in app.trainer.callbacks if type(c).__name__ == "Timer")
+    assert timer.time_elapsed("train") >= 7.5 and app.trainer.current_epoch >= 2  # stopped by the clock
+    lr = app.trainer.optimizers[0].param_groups[0]["lr"]
+    assert lr < 0.2 * app.model.hparams.lr  # the schedule ran its course in the time given
+    assert "imagefolder test accuracy:" in capsys.readouterr().out

@@ -79,3 +79,39 @@ def test_training_step_lowers_loss_and_logs_metrics(tmp_path):
 def test_bad_training_configuration_names_the_key(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ImageClassifier(**{**TINY, **kwargs})
+
+
+def test_budget_schedule_decays_over_the_time_allowed_not_the_steps(tmp_path):
+    import lightning as L
+
+    from vit.data import ImageDataModule
+    L.seed_everything(0)
+    module = ImageClassifier(num_classes=10, img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2,
+                             lr=1e-3, warmup_epochs=0.2, min_lr_ratio=0.01, schedule="budget")
+    lrs = []
+
+    class RecordLR(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer = L.Trainer(max_time={"seconds": 6}, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
+                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                        limit_val_batches=2, callbacks=[RecordLR()], default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=ImageDataModule("digits", img_size=16, batch_size=32))
+    timer = next(c for c in trainer.callbacks if type(c).__name__ == "Timer")
+    assert timer.time_elapsed("train") >= 5.5  # the time, not an epoch count, ended training
+    assert trainer.current_epoch >= 1 and len(lrs) > 20
+    assert max(lrs) > 0.8e-3  # warmed up to (nearly) the peak...
+    assert lrs[-1] < 0.1e-3  # ...and decayed to (nearly) the floor exactly as the time ran out
+
+
+def test_budget_schedule_without_a_time_budget_is_a_clear_error(tmp_path):
+    import lightning as L
+
+    from vit.data import ImageDataModule
+    module = ImageClassifier(num_classes=10, img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2,
+                             schedule="budget")
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="trainer.max_time"):
+        trainer.fit(module, datamodule=ImageDataModule("digits", img_size=16, batch_size=32))

@@ -307,19 +307,24 @@ def _clean_error(err: Exception) -> str | None:
 
 
 def run_default(extra: list[str]) -> VitCLI:
-    """Fit ``configs/digits.yaml`` (plus any ``--key value`` overrides), then test the best checkpoint."""
+    """Fit ``configs/digits.yaml`` (plus any ``--key value`` overrides, ``--config`` another recipe on top), then
+    test: the best checkpoint on val, or with ``model.schedule: budget`` the final weights (EMA ones if on), whose
+    schedule ended with the time."""
     if not DEFAULT_CONFIG.is_file():
         raise SystemExit(f"default recipe not found: {DEFAULT_CONFIG}; run from a clone of the repository "
                          f"or pass a recipe: python train.py fit --config <recipe>.yaml")
     start = time.perf_counter()
     app = cli(["fit", "--config", str(DEFAULT_CONFIG), *extra])
-    # The best checkpoint by path: "best" makes Lightning warn about "multiple ModelCheckpoint callbacks", as it
-    # counts SaveOnSignal, a Checkpoint that only saves on a signal.
-    best = getattr(app.trainer.checkpoint_callback, "best_model_path", "") or "best"
-    results = app.trainer.test(app.model, datamodule=app.datamodule, ckpt_path=best)
+    if app.model.hparams.get("schedule") == "budget":
+        weights = None  # the model as training left it
+    else:
+        # The best checkpoint by path: "best" makes Lightning warn about "multiple ModelCheckpoint callbacks", as
+        # it counts SaveOnSignal, a Checkpoint that only saves on a signal.
+        weights = getattr(app.trainer.checkpoint_callback, "best_model_path", "") or "best"
+    results = app.trainer.test(app.model, datamodule=app.datamodule, ckpt_path=weights)
     wall = time.perf_counter() - start
     acc = results[0]["test/acc"] if results else float("nan")
     if app.trainer.is_global_zero:
-        print(f"digits test accuracy: {acc:.4f} on {len(app.datamodule.test_set)} held-out images | "
-              f"wall time: {wall:.1f} s", flush=True)
+        print(f"{app.datamodule.dataset} test accuracy: {acc:.4f} on {len(app.datamodule.test_set)} held-out "
+              f"images | wall time: {wall:.1f} s", flush=True)
     return app

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import time
 from typing import Any, Literal, Union
 
 import lightning as L
@@ -15,7 +16,7 @@ from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusion
 from .checkpoints import load_pretrained
 from .config import ViTConfig, field_names
 from .model import VisionTransformer
-from .optim import param_groups, warmup_cosine
+from .optim import TimeBudgetCosine, param_groups, warmup_cosine
 from .ranges import (ClosedUnitInterval, DecayFactor, Fraction, NonNegativeFloat, OpenUnitInterval, PositiveFloat,
                      plain, range_problems)
 from .registry import model_config
@@ -80,6 +81,9 @@ class ImageClassifier(L.LightningModule):
         switch_prob: probability of CutMix instead of Mixup when both are on.
         ema_decay: decay of an exponential moving average of the weights, used for validation and test; None = off.
         nonfinite_loss: on a NaN/inf training loss, "error" stops the run, "skip" skips the batch (and counts it).
+        schedule: "epochs": warm-up + cosine over trainer.max_epochs; "budget": the cosine decays over the time
+            trainer.max_time allows (less a reserve for the last validation), whatever the step rate; use it with
+            trainer.max_epochs -1.
 
     Example:
         >>> module = ImageClassifier(arch="vit_tiny_patch16_224", num_classes=10, img_size=32, depth=2)
@@ -107,7 +111,7 @@ class ImageClassifier(L.LightningModule):
                  mixup_alpha: NonNegativeFloat = 0.0, cutmix_alpha: NonNegativeFloat = 0.0,
                  mix_prob: ClosedUnitInterval = 1.0, switch_prob: ClosedUnitInterval = 0.5,
                  ema_decay: OpenUnitInterval | None = None,
-                 nonfinite_loss: Literal["error", "skip"] = "error"):
+                 nonfinite_loss: Literal["error", "skip"] = "error", schedule: Literal["epochs", "budget"] = "epochs"):
         super().__init__()
         (lr, weight_decay, warmup_epochs, min_lr_ratio, label_smoothing, layer_decay, mixup_alpha, cutmix_alpha,
          mix_prob, switch_prob, ema_decay) = plain(lr, weight_decay, warmup_epochs, min_lr_ratio, label_smoothing,
@@ -122,6 +126,7 @@ class ImageClassifier(L.LightningModule):
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"model.class_names has {len(class_names)} names but model.num_classes is {num_classes}")
         self.nonfinite_skipped = 0  # batches skipped for a NaN/inf loss (model.nonfinite_loss: skip)
+        self._validation_seconds = 0.0  # the last validation's duration (model.schedule: budget keeps room for it)
         self.class_names = list(class_names) if class_names is not None else None
         # Loaded here, never in on_fit_start: a resumed .ckpt is restored after __init__ and must win.
         self.model = build_pretrained(self.hparams) if pretrained else build_model(self.hparams)
@@ -199,12 +204,43 @@ class ImageClassifier(L.LightningModule):
         # ...but Lightning refuses gradient clipping with a fused optimizer (it unscales internally)
         fused = _fused_supported(self) and not self.trainer.gradient_clip_val
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=fused)
+        if hp.schedule == "budget":
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._budget_schedule(optimizer),
+                                                             "interval": "step"}}
         total = max(1, int(self.trainer.estimated_stepping_batches))
         max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
         warmup = int(round(hp.warmup_epochs * total / max_epochs))
         warmup = min(warmup, total // 2)
         schedule = LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total, hp.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def _budget_schedule(self, optimizer) -> LambdaLR:
+        from lightning.pytorch.callbacks import Timer
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        if timer is None:
+            raise ValueError("model.schedule: budget decays the learning rate over a time budget: set "
+                             "trainer.max_time (e.g. --trainer.max_time 00:00:20:00) and trainer.max_epochs -1")
+        budget = timer.time_elapsed("train") + timer.time_remaining("train")
+
+        def warmup_steps() -> int:
+            batches = self.trainer.num_training_batches
+            per_epoch = batches if batches != float("inf") else 0
+            return int(round(self.hparams.warmup_epochs * per_epoch / max(1, self.trainer.accumulate_grad_batches)))
+
+        def end() -> float:  # leave room for the validation that follows the last step
+            return budget - min(1.5 * self._validation_seconds, 0.5 * budget)
+
+        rule = TimeBudgetCosine(warmup_steps, self.hparams.min_lr_ratio, elapsed=lambda: timer.time_elapsed("train"),
+                                end=end)
+        # a plain function, which LambdaLR leaves out of its state_dict (the clock comes back with the Timer's)
+        return LambdaLR(optimizer, lambda step: rule(step))
+
+    def on_validation_epoch_start(self) -> None:
+        self._validation_started = time.perf_counter()
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._validation_seconds = time.perf_counter() - self._validation_started
 
     def configure_callbacks(self):
         from lightning.pytorch.callbacks import EMAWeightAveraging

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
@@ -49,3 +49,31 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     progress = min(max(progress, 0.0), 1.0)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class TimeBudgetCosine:
+    """LR multiplier for a wall-clock budget: linear warm-up over the first ``warmup_steps()`` steps, then a cosine
+    decay to ``min_lr_ratio`` over the *time* from the start to ``end()`` seconds, read from ``elapsed()``. The step
+    rate is whatever the machine gives, so the schedule ends when the time does. Stateless in time (the clock
+    comes back with a resumed run), which is why the decay is multiplied in rather than started after warm-up.
+
+    Example:
+        >>> clock = [0.0]
+        >>> lr = TimeBudgetCosine(lambda: 2, 0.0, elapsed=lambda: clock[0], end=lambda: 100.0)
+        >>> values = []
+        >>> for step, t in ((0, 0.0), (2, 0.0), (5, 50.0), (9, 100.0)):
+        ...     clock[0] = t
+        ...     values.append(round(lr(step), 3))
+        >>> values
+        [0.333, 1.0, 0.5, 0.0]
+    """
+
+    def __init__(self, warmup_steps: Callable[[], int], min_lr_ratio: float, elapsed: Callable[[], float],
+                 end: Callable[[], float]):
+        self.warmup_steps, self.min_lr_ratio, self.elapsed, self.end = warmup_steps, min_lr_ratio, elapsed, end
+
+    def __call__(self, step: int) -> float:
+        warmup = self.warmup_steps()
+        ramp = (step + 1) / (warmup + 1) if warmup > 0 and step < warmup else 1.0
+        progress = min(max(self.elapsed() / max(self.end(), 1e-9), 0.0), 1.0)
+        return ramp * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
