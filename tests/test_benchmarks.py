@@ -63,3 +63,16 @@ def test_dataloader_tiny_mode_compares_pipelines_and_model(capsys):
     assert "ours (albumentations)" in out and "torchvision v2" in out and "training step" in out
     pipelines = [r for r in rows if r["split"] in ("train", "eval")]
     assert len(pipelines) == 8 and all(r["ips"] > 0 for r in pipelines)
+
+
+def test_train_loop_tiny_mode_compares_our_cli_and_a_timm_loop(capsys, tmp_path, monkeypatch):
+    train_loop = _load("train_loop")
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    try:
+        rows = train_loop.main(["--tiny"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "| timm loop |" in out and "| ours + data.cache |" in out
+    assert [r["loop"] for r in rows] == ["ours", "ours + data.cache", "timm loop"] and all(r["img_s"] > 0 for r in rows)

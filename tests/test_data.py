@@ -117,3 +117,78 @@ def test_training_batches_do_not_depend_on_num_workers(source, tmp_path):
     half = len(serial) // 2
     assert not torch.equal(serial[0][0], serial[half][0])
     assert not all(torch.equal(a[1], b[1]) for a, b in zip(serial[:half], serial[half:]))
+
+
+@pytest.mark.parametrize("n,world", [(13, 2), (13, 3), (64, 2), (5, 4)])
+def test_epoch_sampler_splits_between_processes_and_resumes_each_share(n, world):
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    from vit.data.sampling import EpochSampler
+    # one process: the order of (seed, epoch) is what it always was
+    assert [i for i, _ in EpochSampler(8, seed=0)] == [4, 1, 3, 5, 0, 2, 6, 7]
+    whole = EpochSampler(n, seed=5)
+    whole.set_epoch(2)
+    order = list(whole)
+    shares = []
+    for rank in range(world):
+        sampler = EpochSampler(n, seed=5, num_replicas=world, rank=rank)
+        sampler.set_epoch(2)
+        shares.append(list(sampler))
+        # the split Lightning's DistributedSamplerWrapper made of the one-process order: DDP runs keep their data
+        wrapped = DistributedSamplerWrapper(EpochSampler(n, seed=5), num_replicas=world, rank=rank, shuffle=False)
+        wrapped.set_epoch(2)
+        assert shares[-1] == list(wrapped) and len(sampler) == len(wrapped)
+        # a mid-epoch resume skips this rank's own first samples, once; the length stays the epoch's
+        sampler.start_at(2, 2)
+        assert list(sampler) == shares[-1][2:] and len(sampler) == len(shares[-1])
+        assert list(sampler) == shares[-1]
+    assert len({len(share) for share in shares}) == 1  # equal lengths: every rank takes every step
+    assert sorted({tuple(item) for share in shares for item in share}) == sorted(map(tuple, order))  # complete
+    padding = len(shares[0]) * world - n  # wrapped around to equal lengths: only that many repeats
+    assert sum(len(share) for share in shares) - len({tuple(i) for s in shares for i in s}) == padding
+
+
+def test_cache_decodes_each_image_once_and_gives_the_same_batches(tmp_path, monkeypatch):
+    import vit.data.cache as cache_module
+    import vit.data.folder as folder
+    from conftest import write_image_folder
+    root = write_image_folder(tmp_path / "images", classes=("cat", "dog"), per_class=6)
+    decoded = []
+    real = load_image
+    monkeypatch.setattr(cache_module, "load_image", lambda p, c: decoded.append(p) or real(p, c))
+    monkeypatch.setattr(folder, "load_image", lambda p, c: decoded.append(p) or real(p, c))
+    batches = {}
+    for cache in (False, True):
+        decoded.clear()
+        dm = ImageDataModule("imagefolder", root=str(root), img_size=16, batch_size=4, cache=cache, seed=3,
+                             augment="strong")
+        dm.setup("fit")
+        batches[cache] = _training_batches(dm, epochs=(0, 1))
+        # without the cache: every image decoded every epoch; with it: each once, when set up
+        assert len(decoded) == (24 if cache else 2 * 12)
+    assert len(batches[True]) == len(batches[False]) > 0
+    for (x0, y0), (x1, y1) in zip(batches[False], batches[True]):
+        assert torch.equal(y0, y1) and torch.equal(x0, x1)  # same samples, same augmentation
+
+
+def test_cache_refuses_a_dataset_that_would_not_fit(tmp_path):
+    from PIL import Image
+
+    from vit.data.cache import DecodedImages
+    Image.new("RGB", (100, 100)).save(tmp_path / "a.png")
+    with pytest.raises(ValueError, match="data.cache: decoding 1 images needs .* set data.cache: false"):
+        DecodedImages.decode([str(tmp_path / "a.png")], available=20_000)
+
+
+def test_cache_reports_files_that_fail_to_decode_and_leaves_them_empty(tmp_path):
+    from vit.data.cache import DecodedImages
+    from vit.data.images import BadImageError
+    Image.new("L", (4, 2), 7).save(tmp_path / "ok.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    reported = []
+    cache = DecodedImages.decode([str(tmp_path / "bad.png"), str(tmp_path / "ok.png")], in_chans=3,
+                                 on_bad=reported.append)
+    assert cache[0] is None and cache[1].shape == (2, 4, 3) and int(cache[1].max()) == 7
+    assert len(reported) == 1 and reported[0].path.endswith("bad.png")
+    with pytest.raises(BadImageError, match="bad.png"):
+        DecodedImages.decode([str(tmp_path / "bad.png")])

@@ -1,4 +1,5 @@
 """Interruptions: atomic checkpoint files, checkpoint on SIGTERM/SIGINT, exact resume (in-process and a real kill)."""
+import json
 import os
 import signal
 import subprocess
@@ -175,3 +176,132 @@ def test_last_checkpoint_follows_every_epoch_even_without_improvement(tmp_path):
                         enable_progress_bar=False, callbacks=[checkpoint])
     trainer.fit(module, datamodule=dm)
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == trainer.global_step == 6
+
+
+DDP_RESUME_SCRIPT = """
+import json, signal, sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.utils.data import Dataset
+
+from vit.data import ImageDataModule
+from vit.data.sampling import split_index
+from vit.module import ImageClassifier
+from vit.resume import ResumeState, SaveOnSignal, TrainingInterrupted
+
+
+class Seen(Dataset):
+    # the training split, noting each (index, augmentation seed) this process loads, in order (num_workers=0)
+    def __init__(self, inner):
+        self.inner, self.loaded = inner, []
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, item):
+        self.loaded.append(list(split_index(item)))
+        return self.inner[item]
+
+
+class Data(ImageDataModule):
+    def setup(self, stage=None):
+        super().setup(stage)
+        if not isinstance(self.train_set, Seen):
+            self.train_set = Seen(self.train_set)
+
+
+class Record(Callback):
+    # one line per trained batch and rank, written at once so that it survives the stop: the batch's samples
+    # (the oldest loaded ones: loading is in order, whatever Lightning prefetches) and the epoch
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        data, labels = trainer.datamodule.train_set, batch[1].tolist()
+        samples, data.loaded = data.loaded[:len(labels)], data.loaded[len(labels):]
+        assert [int(data.inner.labels[data.inner.indices[i]]) for i, _ in samples] == labels
+        with open(Path(sys.argv[1]) / f"batches{trainer.global_rank}.jsonl", "a") as f:
+            f.write(json.dumps({"epoch": trainer.current_epoch, "samples": samples}) + "\\n")
+
+    def on_fit_end(self, trainer, module):
+        torch.save({"weights": torch.cat([p.detach().flatten() for p in module.parameters()]),
+                    "step": trainer.global_step, "sampler": type(trainer.train_dataloader.sampler).__name__},
+                   Path(sys.argv[1]) / f"final{trainer.global_rank}.pt")
+
+
+class TermAt(Callback):
+    # rank 0 alone is sent SIGTERM after `step` optimizer steps; SaveOnSignal stops both ranks together
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step and trainer.global_rank == 0:
+            signal.raise_signal(signal.SIGTERM)  # to this thread: handled before SaveOnSignal looks
+
+
+if __name__ == "__main__":
+    out, stop_at, ckpt_path = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None
+    L.seed_everything(0, verbose=False)
+    dm = Data("digits", img_size=16, batch_size=32, hflip=True, color_jitter=0.2)
+    module = ImageClassifier(num_classes=10, img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2,
+                             drop_rate=0.1, drop_path_rate=0.1)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, limit_train_batches=5,
+                        limit_val_batches=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        deterministic=True, default_root_dir=out,
+                        callbacks=[ModelCheckpoint(dirpath=out / "ckpt", save_last=True), ResumeState(verbose=False),
+                                   SaveOnSignal(), Record(), *([TermAt(stop_at)] if stop_at else [])])
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+    except TrainingInterrupted as stop:
+        print(f"rank {trainer.global_rank} stopped: {stop}", flush=True)
+"""
+
+
+def _ddp(script, out, *args):
+    out.mkdir(exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, str(script), str(out), *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=out)
+
+
+def _ddp_batches(out, rank):
+    return [json.loads(line) for line in (out / f"batches{rank}.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_ddp_stopped_mid_epoch_then_resumed_equals_uninterrupted_run(tmp_path):
+    # 2 CPU processes, 2 epochs of 5 batches of 32 per rank; rank 0 gets SIGTERM after step 2 (mid-epoch 0),
+    # SaveOnSignal saves on both ranks' agreement, and the resume must continue each rank's own share of the epoch
+    script = tmp_path / "ddp_resume.py"
+    script.write_text(DDP_RESUME_SCRIPT)
+    full = _ddp(script, tmp_path / "full", 0)
+    assert full.returncode == 0, full.stderr[-3000:]
+    stopped = _ddp(script, tmp_path / "b", 2)
+    assert stopped.returncode == 0 and "rank 0 stopped" in stopped.stdout, stopped.stderr[-3000:]
+    last = tmp_path / "b" / "ckpt" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == 2 and saved["Data"] == {"epoch": 0, "batches_done": 2}  # mid-epoch
+    before = [_ddp_batches(tmp_path / "b", rank) for rank in (0, 1)]  # what each rank trained on before the stop
+    for rank in (0, 1):
+        (tmp_path / "b" / f"batches{rank}.jsonl").unlink()
+    resumed = _ddp(script, tmp_path / "b", 0, last)  # in the same folder, as `--ckpt_path last` would
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    reference = [_ddp_batches(tmp_path / "full", rank) for rank in (0, 1)]
+    after = [_ddp_batches(tmp_path / "b", rank) for rank in (0, 1)]
+    for rank in (0, 1):
+        assert len(reference[rank]) == 10 and len(before[rank]) == 2 and len(after[rank]) == 8
+        # each rank trained, after the resume, on exactly the samples (and augmentations) the uninterrupted run's
+        # same rank had still to see: none again, none left out, none of the other rank's
+        assert before[rank] == reference[rank][:2]
+        assert after[rank] == reference[rank][2:]
+    epoch0 = [[tuple(s) for b in batches[:5] for s in b["samples"]] for batches in reference]
+    assert not set(epoch0[0]) & set(epoch0[1]) and all(len(set(e)) == 5 * 32 for e in epoch0)  # disjoint shares
+
+    finals = [[torch.load(out / f"final{rank}.pt", weights_only=True) for rank in (0, 1)]
+              for out in (tmp_path / "full", tmp_path / "b")]
+    (ref0, ref1), (got0, got1) = finals
+    assert ref0["step"] == ref1["step"] == got0["step"] == got1["step"] == 10
+    assert got0["sampler"] == "EpochSampler"  # it splits by rank itself: Lightning did not wrap it
+    assert torch.equal(got0["weights"], got1["weights"])
+    torch.testing.assert_close(got0["weights"], ref0["weights"], rtol=0, atol=1e-6)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ._common import HALF, IMAGENET_MEAN, IMAGENET_STD, CheckpointError, rename
+from .hf_common import fuse_qkv
 
 NAME = "hf"
 SIGNATURE = r"(?:vit\.|deit\.)?embeddings\.patch_embeddings\.projection\.weight"
@@ -71,21 +72,9 @@ def to_timm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """
     state_dict = rename(_strip_model_prefix(state_dict), _V5_RULES)
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(UNUSED)}
-    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    rest: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        match = _QKV.match(key)
-        if match:
-            parts.setdefault((match.group(1), match.group(3)), {})[match.group(2)] = value
-        else:
-            rest[key] = value
-    out = rename(rest, RULES)
-    for (index, kind), qkv in parts.items():
-        if len(qkv) == 3:
-            out[f"blocks.{index}.attn.qkv.{kind}"] = torch.cat([qkv["query"], qkv["key"], qkv["value"]])
-        else:  # incomplete: keep the pieces under their own names so the key check lists them
-            out.update({f"encoder.layer.{index}.attention.attention.{n}.{kind}": t for n, t in qkv.items()})
-    return out
+    fused = fuse_qkv(state_dict, _QKV.pattern, ("query", "key", "value"),
+                     "encoder.layer.{i}.attention.attention.{part}.{kind}")
+    return rename(fused, RULES)
 
 
 def from_timm(state_dict: Mapping[str, torch.Tensor], architecture: Mapping[str, Any]) -> dict[str, torch.Tensor]:

@@ -14,11 +14,12 @@ from torch.utils.data import DataLoader, Dataset
 from .datasets import CIFAR10_CLASSES, DIGITS_CLASSES, ArrayDataset, load_digits_arrays
 from .folder import FileDataset, find_classes, list_images
 from .folder import scan_image_folder as _scan
+from ..ranges import Fraction, NonNegativeInt, PositiveInt, plain, range_problems
 from .sampling import EpochSampler
 from .transforms import (AUGMENT_PRESETS, IMAGENET_MEAN, IMAGENET_STD, eval_transform, match_channels,
                          train_transform)
 
-DATASETS = ("digits", "imagefolder", "cifar10", "cifar100")
+DATASETS = ("digits", "imagefolder", "cifar10", "cifar100", "hf", "streaming")
 _STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -27,14 +28,18 @@ _STATS = {
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Images for classification: ``digits`` (embedded, no download), ``imagefolder``, ``cifar10``/``cifar100``.
+    """Images for classification: ``digits`` (embedded, no download), ``imagefolder``, ``cifar10``/``cifar100``,
+    ``hf`` (Hugging Face datasets) or ``streaming`` (litdata shards written by ``python -m vit.data.convert``).
 
     ``num_classes`` and ``class_names`` are known right after construction, so the CLI can link them
     into the model before anything is loaded.
 
     Args:
-        dataset: "digits" (scikit-learn's 1,797 8x8 digits, no download), "imagefolder", "cifar10" or "cifar100".
-        root: image folder (root/train/<class>/*.jpg, optional val/ and test/, or root/<class>/*.jpg) or CIFAR folder.
+        dataset: "digits" (scikit-learn's 1,797 8x8 digits, no download), "imagefolder", "cifar10", "cifar100",
+            "hf" (a Hugging Face dataset) or "streaming" (litdata shards made by `python -m vit.data.convert`).
+        root: image folder (root/train/<class>/*.jpg, optional val/ and test/, or root/<class>/*.jpg) or CIFAR folder;
+            hf: a hub dataset name (beans, food101) or a local save_to_disk/parquet folder; streaming: the converted
+            folder, or its s3:// or gs:// URL.
         img_size: side the images are resized and cropped to (the CLI links it to model.img_size).
         batch_size: images per batch, for every split.
         num_workers: DataLoader worker processes; 0 = load in the main process.
@@ -54,6 +59,16 @@ class ImageDataModule(L.LightningDataModule):
         drop_last: drop the last, incomplete training batch.
         predict_path: images for `predict`: a folder (searched recursively), an image, a .txt list of paths, or a list.
         on_bad_image: unreadable image files: "skip" (warn and list them in skipped_images.tsv) or "error".
+        image_key: hf only: the column holding the images; None = the dataset's first Image feature.
+        label_key: hf only: the column holding the labels; None = the first ClassLabel feature (its names are the
+            class names).
+        split_names: hf only: the dataset's split for each of train/val/test, e.g. {val: valid}; missing keys
+            default to "train", "validation" or "val", and "test" (no val split: carved from train by val_fraction).
+        streaming: hf only: stream the dataset instead of downloading it, sharded per process.
+        cache_dir: hf: the datasets cache (default ~/.cache/huggingface/datasets); streaming: litdata's chunk
+            cache for an s3:// or gs:// root.
+        cache: image folders: decode every image once into memory (shared by the loader workers) and augment
+            from there; refused with a clear message when it would take over half the memory available.
 
     Example:
         >>> dm = ImageDataModule("digits", img_size=32, batch_size=16)
@@ -61,20 +76,29 @@ class ImageDataModule(L.LightningDataModule):
         (10, ['0', '1', '2'])
     """
 
-    def __init__(self, dataset: Literal["digits", "imagefolder", "cifar10", "cifar100"] = "digits",
-                 root: str | None = None, img_size: int = 32, batch_size: int = 64, num_workers: int = 0,
-                 val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 42, in_chans: int = 3,
+    def __init__(self, dataset: Literal["digits", "imagefolder", "cifar10", "cifar100", "hf", "streaming"] = "digits",
+                 root: str | None = None, img_size: int = 32, batch_size: PositiveInt = 64,
+                 num_workers: NonNegativeInt = 0, val_fraction: Fraction = 0.1, test_fraction: Fraction = 0.2,
+                 seed: int = 42, in_chans: int = 3,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  augment: Literal["none", "light", "strong"] = "light", hflip: bool = True,
                  crop_scale: tuple[float, float] = (0.08, 1.0), color_jitter: float = 0.4,
                  random_erasing: float = 0.0, crop_pct: float = 1.0, download: bool = False,
                  drop_last: bool = False, predict_path: str | list[str] | None = None,
-                 on_bad_image: Literal["skip", "error"] = "skip"):
+                 on_bad_image: Literal["skip", "error"] = "skip", image_key: str | None = None,
+                 label_key: str | None = None, split_names: dict[str, str] | None = None, streaming: bool = False,
+                 cache_dir: str | None = None, cache: bool = False):
         super().__init__()
-        self.save_hyperparameters()
+        img_size, batch_size, num_workers, val_fraction, test_fraction = plain(
+            img_size, batch_size, num_workers, val_fraction, test_fraction)
+        self.save_hyperparameters()  # reads the (now plain) arguments from this frame
         _check_args(dataset=dataset, root=root, img_size=img_size, batch_size=batch_size, num_workers=num_workers,
                     val_fraction=val_fraction, test_fraction=test_fraction, in_chans=in_chans, augment=augment,
-                    crop_scale=crop_scale, mean=mean, std=std)
+                    crop_scale=crop_scale, mean=mean, std=std, image_key=image_key, label_key=label_key,
+                    split_names=split_names, streaming=streaming)
+        self.image_key, self.label_key, self.split_names = image_key, label_key, split_names
+        self.streaming, self.cache_dir = streaming, cache_dir
+        self._source = None  # hf / streaming: the opened source (class names, splits), see _open_source
         self.dataset = dataset
         self.root = Path(root).expanduser() if root else None
         self.img_size = img_size
@@ -129,6 +153,9 @@ class ImageDataModule(L.LightningDataModule):
             return list(CIFAR10_CLASSES)
         if self.dataset == "cifar100":
             return _cifar100_names(self.root)
+        if self.dataset in ("hf", "streaming"):
+            self._source = self._open_source()
+            return list(self._source.class_names)
         train_dir = self.root / "train" if (self.root / "train").is_dir() else self.root
         names = find_classes(train_dir)
         if not names:
@@ -168,6 +195,8 @@ class ImageDataModule(L.LightningDataModule):
             self.train_set = ArrayDataset(images, labels, train_tf, train)
             self.val_set = ArrayDataset(images, labels, eval_tf, val)
             self.test_set = ArrayDataset(_to_channels(test_arrays[0], self.in_chans), test_arrays[1], eval_tf)
+        elif self.dataset in ("hf", "streaming"):
+            self._setup_source(train_tf, eval_tf)
         else:
             self._setup_imagefolder(train_tf, eval_tf)
 
@@ -199,6 +228,38 @@ class ImageDataModule(L.LightningDataModule):
         self.train_set = FileDataset(train_samples, train_tf, self.in_chans, self.on_bad_image, skip_log)
         self.val_set = FileDataset(val_samples, eval_tf, self.in_chans, self.on_bad_image, skip_log)
         self.test_set = FileDataset(test_samples, eval_tf, self.in_chans, self.on_bad_image, skip_log)
+        if self.hparams.get("cache"):
+            cached: list[FileDataset] = []
+            for dataset in (self.train_set, self.val_set, self.test_set):
+                same = next((c for c in cached if c.samples == dataset.samples), None)  # val doubling as test
+                if same is not None:
+                    dataset.decoded = same.decoded
+                else:
+                    cached.append(dataset.cache_decoded(threads=max(1, self.num_workers)))
+
+    def _open_source(self):
+        """``hf``: a Hugging Face dataset (see hf.py); ``streaming``: converted litdata shards (see streaming.py).
+        Imported here: neither library is loaded for the other sources."""
+        if self.dataset == "hf":
+            from .hf import HFSource
+            return HFSource(self.hparams.root, image_key=self.image_key, label_key=self.label_key,
+                            split_names=self.split_names, streaming=self.streaming, cache_dir=self.cache_dir)
+        from .streaming import ShardSource
+        return ShardSource(self.hparams.root, cache_dir=self.cache_dir)
+
+    def _setup_source(self, train_tf, eval_tf) -> None:
+        """``hf`` and ``streaming``: the source builds the three splits (a missing val split carved from train by
+        seed); images that fail to decode are reported as for image folders."""
+        sets = self._source.datasets(train_tf, eval_tf, carve=lambda n: self._split(n, [self.val_fraction]),
+                                     val_fraction=self.val_fraction, seed=self.seed, in_chans=self.in_chans,
+                                     on_bad_image=self.on_bad_image, **self._process_share())
+        labels = getattr(sets[0], "labels", None)
+        if labels is None:  # a stream's labels are not known in advance: no check for empty classes
+            labels = range(self.num_classes)
+        skip_log = self._report_skipped([], ((None, int(label)) for label in labels))
+        for data in {id(data): data for data in sets}.values():
+            data.skips.path = skip_log
+        self.train_set, self.val_set, self.test_set = sets
 
     def _report_skipped(self, skipped: list[tuple[str, str]], train_samples) -> Path | None:
         """One warning for everything the scan left out, each path and reason in ``skipped_images.tsv`` in the
@@ -208,7 +269,7 @@ class ImageDataModule(L.LightningDataModule):
         log = None
         if trainer is not None and trainer.log_dir:
             log = Path(trainer.log_dir) / "skipped_images.tsv"
-            if trainer.is_global_zero:
+            if trainer.is_global_zero and skipped:  # decode failures later append (and create it if need be)
                 log.parent.mkdir(parents=True, exist_ok=True)
                 log.write_text("".join(f"{path}\t{reason}\n" for path, reason in skipped), encoding="utf-8")
         if skipped:
@@ -233,18 +294,31 @@ class ImageDataModule(L.LightningDataModule):
 
     # ---- loaders ---------------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        if hasattr(dataset, "loader"):  # streamed sources (hf.py, streaming.py) order and shard themselves
+            return dataset.loader(self.batch_size, self.num_workers, drop_last=drop_last)
         # Shuffle order and augmentation are functions of (seed, epoch, position): reproducible with any number
         # of workers, and a resumed run continues exactly where the checkpoint left off (see sampling.py).
-        sampler = EpochSampler(len(dataset), self.seed) if shuffle else None
+        # The training sampler splits the data between processes itself, so a resume skips what each process
+        # has trained on, after the split (Lightning leaves a DistributedSampler as it is).
+        sampler = EpochSampler(len(dataset), self.seed, **self._process_share()) if shuffle else None
         if sampler is not None and self._resume_at is not None:
             sampler.start_at(self._resume_at[0], self._resume_at[1] * self.batch_size)
             self._resume_at = None
+        per_process = len(sampler) if sampler is not None else len(dataset)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
-                          drop_last=drop_last and len(dataset) > self.batch_size,
+                          drop_last=drop_last and per_process > self.batch_size,
                           # own generator: creating an iterator must not draw from the global RNG (dropout's),
                           # or a resumed run, which creates it before restoring RNG states, would diverge
                           generator=torch.Generator().manual_seed(self.seed))
+
+    def _process_share(self) -> dict:
+        """``num_replicas`` and ``rank`` of this process, as Lightning would give its own DistributedSampler."""
+        trainer = getattr(self, "trainer", None)
+        kwargs = trainer.distributed_sampler_kwargs if trainer is not None else None
+        if not kwargs:  # no trainer, or one process
+            return {"num_replicas": 1, "rank": 0}
+        return {"num_replicas": int(kwargs["num_replicas"]), "rank": int(kwargs["rank"])}
 
     # ---- resuming --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -276,23 +350,21 @@ class ImageDataModule(L.LightningDataModule):
 
 
 def _check_args(*, dataset, root, img_size, batch_size, num_workers, val_fraction, test_fraction, in_chans, augment,
-                crop_scale, mean, std) -> None:
+                crop_scale, mean, std, image_key=None, label_key=None, split_names=None, streaming=False) -> None:
     problems = []
     if dataset not in DATASETS:
         problems.append(f"data.dataset: expected one of {DATASETS}, got {dataset!r}")
+    problems += _source_problems(dataset, root, image_key=image_key, label_key=label_key, split_names=split_names,
+                                 streaming=streaming)
     if dataset == "imagefolder":
         if not root:
             problems.append("data.root: required for dataset 'imagefolder' (a folder of class sub-folders)")
         elif not Path(root).expanduser().is_dir():
             problems.append(f"data.root: {root} is not a directory")
-    for key, value in (("img_size", img_size), ("batch_size", batch_size)):
-        if not isinstance(value, int) or value < 1:
-            problems.append(f"data.{key}: expected a positive integer, got {value!r}")
-    if not isinstance(num_workers, int) or num_workers < 0:
-        problems.append(f"data.num_workers: expected an integer >= 0, got {num_workers!r}")
-    for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0.0 <= value < 1.0:
-            problems.append(f"data.{key}: expected a fraction in [0, 1), got {value}")
+    problems += range_problems("data", {
+        "img_size": (PositiveInt, img_size), "batch_size": (PositiveInt, batch_size),
+        "num_workers": (NonNegativeInt, num_workers), "val_fraction": (Fraction, val_fraction),
+        "test_fraction": (Fraction, test_fraction)})
     if val_fraction + test_fraction >= 1.0:
         problems.append(f"data.val_fraction + data.test_fraction must leave training data, got "
                         f"{val_fraction} + {test_fraction}")
@@ -309,6 +381,33 @@ def _check_args(*, dataset, root, img_size, batch_size, num_workers, val_fractio
         problems.append(f"data.std: expected positive values, got {list(std)}")
     if problems:
         raise ValueError("invalid data configuration:\n  " + "\n  ".join(problems))
+
+
+def _source_problems(dataset, root, **hf_only) -> list[str]:
+    """``hf`` and ``streaming``: what ``root`` must be, and the keys only ``hf`` reads."""
+    problems = [f"data.{key}: only read by dataset 'hf', got {value!r} with dataset {dataset!r}"
+                for key, value in hf_only.items() if value not in (None, False) and dataset != "hf"]
+    if dataset == "hf":
+        if not root:
+            problems.append("data.root: required for dataset 'hf' (a hub dataset name such as 'beans', or a local "
+                            "save_to_disk or parquet folder)")
+        elif str(root).startswith(("/", ".", "~")) and not Path(root).expanduser().is_dir():
+            problems.append(f"data.root: {root} is not a directory")
+        split_names = hf_only["split_names"]
+        if split_names is not None:
+            unknown = sorted(set(split_names) - {"train", "val", "test"})
+            if unknown:
+                problems.append(f"data.split_names: unknown key(s) {unknown}; expected some of train, val, test")
+    if dataset == "streaming":
+        if not root:
+            problems.append("data.root: required for dataset 'streaming' (a folder written by python -m "
+                            "vit.data.convert, or its s3:// or gs:// URL)")
+        elif "://" in str(root):
+            if not str(root).startswith(("s3://", "gs://")):
+                problems.append(f"data.root: expected a local folder or an s3:// or gs:// URL, got {root}")
+        elif not Path(root).expanduser().is_dir():
+            problems.append(f"data.root: {root} is not a directory")
+    return problems
 
 
 def _to_channels(images: np.ndarray, in_chans: int) -> np.ndarray:

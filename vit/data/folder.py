@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Sequence
 from torch.utils.data import Dataset
 
 from ..files import atomic_path
+from .cache import DecodedImages
 from .images import IMAGE_EXTENSIONS, BadImageError, check_image, load_image
 from .sampling import seed_transform, split_index
 
@@ -109,6 +110,13 @@ class FileDataset(Dataset):
         self.on_bad_image = on_bad_image
         self.skip_log = skip_log
         self._warned = False
+        self.decoded: DecodedImages | None = None  # data.cache: every image decoded once, see cache_decoded()
+
+    def cache_decoded(self, threads: int | None = None) -> "FileDataset":
+        """Decode every file now, once, into memory (``data.cache``); files that fail follow ``on_bad_image``."""
+        on_bad = self._record_skip if self.on_bad_image == "skip" else None
+        self.decoded = DecodedImages.decode([path for path, _ in self.samples], self.in_chans, on_bad, threads)
+        return self
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -116,7 +124,14 @@ class FileDataset(Dataset):
     def __getitem__(self, i):
         i, sample_seed = split_index(i)
         for attempt in range(min(len(self.samples), 16)):
-            path, label = self.samples[(i + attempt) % len(self.samples)]
+            j = (i + attempt) % len(self.samples)
+            path, label = self.samples[j]
+            if self.decoded is not None:
+                image = self.decoded[j]
+                if image is None:  # failed when cached (and reported then): the next file takes its place
+                    continue
+                image = image.copy()  # transforms must never write into the shared cache
+                break
             try:
                 image = load_image(path, self.in_chans)
                 break
@@ -134,6 +149,7 @@ class FileDataset(Dataset):
 
     def _record_skip(self, err: BadImageError) -> None:
         if self.skip_log is not None:
+            Path(self.skip_log).parent.mkdir(parents=True, exist_ok=True)
             with open(self.skip_log, "a", encoding="utf-8") as f:  # one short line: appends don't interleave
                 f.write(f"{err.path}\t{err.reason}\n")
         if not self._warned:

@@ -8,33 +8,36 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler
 
 
-class EpochSampler(Sampler):
-    """Shuffles ``range(n)`` anew each epoch from ``(seed, epoch)`` and yields ``(index, sample_seed)`` pairs;
-    datasets seed the image's augmentation with ``sample_seed``. Lightning calls ``set_epoch``;
-    ``start_at(epoch, position)`` skips what a resumed run has already trained on (once).
+class EpochSampler(DistributedSampler):
+    """Shuffles ``range(n)`` anew each epoch from ``(seed, epoch)`` and yields this rank's ``(index, sample_seed)``
+    pairs; datasets seed the image's augmentation with ``sample_seed``. Lightning calls ``set_epoch``;
+    ``start_at(epoch, position)`` skips the first ``position`` items of this rank's share, what a resumed run has
+    already trained on (once).
+
+    Under several processes (``num_replicas`` > 1) rank ``r`` takes positions ``r, r + num_replicas, ...`` of the
+    epoch's order, wrapped around to equal lengths: the split Lightning's ``DistributedSamplerWrapper`` made of
+    this sampler's order before it split by itself. Splitting here, before the skip, is what lets a mid-epoch
+    resume skip each rank's own batches; being a ``DistributedSampler``, Lightning leaves it unwrapped.
 
     Example:
         >>> s = EpochSampler(4, seed=0); s.set_epoch(1); sorted(i for i, _ in s)
         [0, 1, 2, 3]
+        >>> halves = [[i for i, _ in EpochSampler(5, seed=0, num_replicas=2, rank=r)] for r in (0, 1)]
+        >>> [len(h) for h in halves], sorted(set(halves[0] + halves[1]))
+        ([3, 3], [0, 1, 2, 3, 4])
     """
 
-    def __init__(self, n: int, seed: int = 0):
+    def __init__(self, n: int, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        # explicit num_replicas/rank (not torch.distributed's defaults): one process sees everything
+        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.n = n
-        self.seed = seed
-        self.epoch = 0
         self._skip = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def start_at(self, epoch: int, position: int) -> None:
         self.epoch, self._skip = epoch, position
-
-    def __len__(self) -> int:
-        return self.n
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         skip, self._skip = self._skip, 0
@@ -42,8 +45,10 @@ class EpochSampler(Sampler):
         generator = torch.Generator().manual_seed(int(state[0]))
         order = torch.randperm(self.n, generator=generator).tolist()
         seeds = np.random.default_rng(int(state[1])).integers(0, 2**31, self.n).tolist()
-        for k in range(skip, self.n):
-            yield order[k], seeds[k]
+        # this rank's positions in the epoch (padded by wrapping around, as DistributedSampler does)
+        positions = range(self.rank, self.total_size, self.num_replicas)
+        for k in positions[skip:]:
+            yield order[k % self.n], seeds[k % self.n]
 
 
 def seed_transform(transform, seed: int) -> None:
