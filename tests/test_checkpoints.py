@@ -88,11 +88,14 @@ def test_lightning_checkpoint(tmp_path):
     ckpt = {"state_dict": {**{f"model.{k}": v for k, v in reference.state_dict().items()},
                            "criterion.weight": torch.ones(10)},  # not the model's: ignored
             "hyper_parameters": {"class_names": names, "num_heads": 2, "lr": 1e-3},
+            "datamodule_hyper_parameters": {"mean": [0.3] * 3, "std": [0.4] * 3, "crop_pct": 1.0},
             "epoch": 3, "global_step": 30, "pytorch-lightning_version": "2.6.0"}
     torch.save(ckpt, tmp_path / "last.ckpt")
     model = vit.load_pretrained(tmp_path / "last.ckpt")  # heads come from the hyper-parameters
     _close(model, reference, _x())
     assert model.pretrained_cfg["class_names"] == names
+    # evaluated as the run evaluated: its normalisation and crop (vit.predict, vit.embed read these)
+    assert (model.pretrained_cfg["mean"], model.pretrained_cfg["crop_pct"]) == ([0.3] * 3, 1.0)
 
 
 def test_lightning_checkpoint_of_a_module_with_the_default_heads(tmp_path):

@@ -171,7 +171,7 @@ def _read_npz(path: Path) -> dict[str, torch.Tensor]:
 
 def _unwrap(data: Any, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Find the state dict inside what ``torch.load`` returned (Lightning, DeiT and timm train checkpoints
-    nest it), and the class names/normalisation a Lightning checkpoint keeps in its hyper-parameters."""
+    nest it), and the class names/normalisation/eval crop a Lightning checkpoint keeps in its hyper-parameters."""
     if not isinstance(data, Mapping):
         raise CheckpointError(f"{name}: expected a state dict (a mapping of names to tensors), "
                               f"got {type(data).__name__}")
@@ -179,7 +179,8 @@ def _unwrap(data: Any, name: str) -> tuple[dict[str, torch.Tensor], dict[str, An
     for hparams_key in ("hyper_parameters", "datamodule_hyper_parameters"):
         hparams = data.get(hparams_key)
         if isinstance(hparams, Mapping):
-            meta.update({k: hparams[k] for k in ("class_names", "mean", "std") if hparams.get(k) is not None})
+            meta.update({k: hparams[k] for k in ("class_names", "mean", "std", "crop_pct")
+                         if hparams.get(k) is not None})
             meta.setdefault("hints", {}).update(_hparams_hints(hparams))
     if not any(isinstance(v, torch.Tensor) for v in data.values()):
         nested = next((data[k] for k in _NESTED if isinstance(data.get(k), Mapping)), None)
