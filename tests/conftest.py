@@ -10,6 +10,14 @@ import torch
 # VIT_TEST_THREADS=1 keeps tests usable while other jobs share the cores (OpenMP spin-waits oversubscribe badly)
 torch.set_num_threads(int(os.environ.get("VIT_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir(tmp_path_factory):
+    """Scan caches and ONNX exports of the tests go to a temporary folder, not the user's ~/.cache/vit."""
+    if "VIT_CACHE_DIR" not in os.environ:
+        os.environ["VIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("vit_cache"))
+    yield
+
+
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
 
 

@@ -76,3 +76,27 @@ def test_train_loop_tiny_mode_compares_our_cli_and_a_timm_loop(capsys, tmp_path,
     out = capsys.readouterr().out
     assert "| timm loop |" in out and "| ours + data.cache |" in out
     assert [r["loop"] for r in rows] == ["ours", "ours + data.cache", "timm loop"] and all(r["img_s"] > 0 for r in rows)
+
+
+def test_inference_tiny_mode_prints_speed_and_agreement_tables(capsys):
+    pytest.importorskip("onnxruntime")
+    inference = _load("inference")
+    threads = torch.get_num_threads()
+    try:  # digits, never the CIFAR photos of shared/data: tests run where that folder is not
+        rows, agreement = inference.main(["--tiny", "--images", "digits", "--repeats", "1", "--warmup", "0",
+                                          "--batches", "1,2", "--backends", "eager,onnxruntime", "--threads",
+                                          str(threads), "--train-seconds", "1", "--train-images", "64",
+                                          "--test-images", "32"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "| tiny | 2 | timm | eager | fp32 |" in out and "| tiny | 2 | ours | onnxruntime | int8 |" in out
+    assert "top-1 agreement with eager fp32 on 32 real test photos" in out
+    assert "target: fp32 >= 1.3x" in out and "target: int8 >= 2.0x" in out
+    assert {(r["impl"], r["backend"], r["precision"]) for r in rows} == {
+        ("timm", "eager", "fp32"), ("ours", "eager", "fp32"), ("ours", "onnxruntime", "fp32"),
+        ("ours", "eager", "int8"), ("ours", "onnxruntime", "int8")}
+    assert all(r["ips"] > 0 for r in rows) and len(rows) == 10
+    assert [(r["backend"], r["precision"]) for r in agreement] == [
+        ("eager", "fp32"), ("onnxruntime", "fp32"), ("eager", "int8"), ("onnxruntime", "int8")]
+    assert [r["agreement"] for r in agreement[:2]] == [1.0, 1.0]

@@ -35,3 +35,32 @@ def test_export_errors_exit_2(tmp_path, capsys):
     assert export.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+
+
+def test_onnx_int8_export_is_checked_against_fp32(saved, tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    model, directory = saved
+    path = tmp_path / "m.int8.onnx"
+    assert export.main([str(directory), "--onnx", str(path), "--quantize", "int8"]) == 0
+    out = capsys.readouterr().out
+    assert "top-1 agreement with fp32 PyTorch" in out and "max |logit diff|" in out
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert ops & {"MatMulInteger", "DynamicQuantizeMatMul"}  # int8 MatMuls written, not the fp32 model
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 3, 16, 16)
+    (got,) = session.run(["logits"], {"images": x.numpy()})
+    with torch.no_grad():
+        assert (torch.from_numpy(got) - model(x)).abs().max() < 0.5  # close to fp32, not equal
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "m.int8.onnx"]  # the fp32 file was temporary
+
+
+def test_onnx_int8_agreement_below_the_threshold_fails(saved, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    _, directory = saved
+    assert export.main([str(directory), "--onnx", str(tmp_path / "m.onnx"), "--quantize", "int8",
+                        "--min-agreement", "1.01"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "int8 top-1 agrees with fp32 PyTorch" in err[0]
+    assert export.main([str(directory), "--pt2", str(tmp_path / "m.pt2"), "--quantize", "int8"]) == 2
+    assert "--quantize int8 quantises the ONNX model" in capsys.readouterr().err

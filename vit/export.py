@@ -1,60 +1,55 @@
 """Export a trained model for deployment: ONNX (dynamic batch) and/or ``torch.export`` (``.pt2``).
 
-    python -m vit.export CHECKPOINT --onnx model.onnx [--pt2 model.pt2] [--opset 18]
+    python -m vit.export CHECKPOINT --onnx model.onnx [--quantize int8] [--pt2 model.pt2] [--opset 18]
 
 CHECKPOINT is anything ``vit.load_pretrained`` reads. The ONNX file takes ``images`` (B, C, H, W), normalised
 as the checkpoint's ``pretrained_cfg`` says, and returns ``logits`` (B, num_classes). When onnxruntime is
 installed the export is checked against PyTorch (max |difference| printed; over 1e-4 is an error).
+``--quantize int8`` writes onnxruntime's dynamic int8 quantisation of it instead (``vit.inference.quantize_onnx``),
+checked against the fp32 PyTorch model: top-1 agreement and max |logit difference| printed, agreement under
+``--min-agreement`` is an error. The check runs on ``--check-images`` when given, else on seeded noise.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
 from .checkpoints import CheckpointError
+from .inference import export_onnx, onnx_session, quantize_onnx, top1_agreement
 from .model import VisionTransformer
-from .predict import load_model, one_line
+from .predict import load_model, one_line, preprocess
 
 
 def _example(model: VisionTransformer, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, model.in_chans, *model.img_size, generator=torch.Generator().manual_seed(0))
 
 
-def export_onnx(model: VisionTransformer, path: str | Path, opset: int = 18) -> Path:
-    """ONNX with a dynamic batch dimension (input ``images``, output ``logits``), via torch's dynamo exporter.
-
-    Example:
-        >>> export_onnx(vit.load_pretrained("my_vit/"), "model.onnx")  # doctest: +SKIP
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    program = torch.onnx.export(model.eval(), (_example(model),), dynamo=True, opset_version=opset,
-                                input_names=["images"], output_names=["logits"],
-                                dynamic_shapes={"x": {0: batch}}, verbose=False)
-    program.save(str(path))
-    import onnx
-    onnx.checker.check_model(str(path))
-    return path
+def compare_onnx(model: VisionTransformer, path: str | Path, images: torch.Tensor | None = None
+                 ) -> tuple[float, float] | None:
+    """(max |ONNX Runtime - PyTorch| logit difference, top-1 agreement) on ``images`` (default: 3 seeded noise
+    images, a batch size other than the export's); None without onnxruntime."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return None
+    x = _example(model, 3) if images is None else images
+    (got,) = onnx_session(path).run(["logits"], {"images": x.numpy()})
+    with torch.no_grad():
+        want = model.eval()(x)
+    got = torch.from_numpy(got)
+    return float((got - want).abs().max()), top1_agreement(got, want)
 
 
 def check_onnx(model: VisionTransformer, path: str | Path, batch: int = 3) -> float | None:
     """Max |ONNX Runtime - PyTorch| on random input of a batch size other than the export's; None without
     onnxruntime."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return None
-    x = _example(model, batch)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (got,) = session.run(["logits"], {"images": x.numpy()})
-    with torch.no_grad():
-        want = model.eval()(x)
-    return float((torch.from_numpy(got) - want).abs().max())
+    compared = compare_onnx(model, path, _example(model, batch))
+    return None if compared is None else compared[0]
 
 
 def export_program(model: VisionTransformer, path: str | Path) -> Path:
@@ -74,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--pt2", help="torch.export program to write (.pt2, dynamic batch)")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max ONNX Runtime vs PyTorch difference")
+    parser.add_argument("--quantize", choices=["none", "int8"], default="none",
+                        help="int8: write onnxruntime's dynamic int8 quantisation of the ONNX model")
+    parser.add_argument("--check-images", nargs="+", default=None, metavar="IMAGE",
+                        help="images for the int8 check (default: 64 seeded noise images)")
+    parser.add_argument("--min-agreement", type=float, default=0.9,
+                        help="least top-1 agreement of int8 with fp32 PyTorch on the check images (default 0.9)")
     return parser
 
 
@@ -88,13 +89,21 @@ def main(args: list[str] | None = None) -> int:
     if not options.onnx and not options.pt2:
         print("error: nothing to do: give --onnx PATH and/or --pt2 PATH", file=sys.stderr)
         return 2
+    if options.quantize == "int8" and not options.onnx:
+        print("error: --quantize int8 quantises the ONNX model: give --onnx PATH", file=sys.stderr)
+        return 2
     try:
         model = load_model(options.checkpoint)
+        images = preprocess(model, options.check_images) if options.check_images else None
     except (CheckpointError, ValueError, OSError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    if options.onnx:
+    if options.onnx and options.quantize == "int8":
+        code = _export_int8(model, Path(options.onnx), options, images)
+        if code:
+            return code
+    elif options.onnx:
         path = export_onnx(model, options.onnx, options.opset)
         diff = check_onnx(model, path)
         if diff is None:
@@ -107,6 +116,35 @@ def main(args: list[str] | None = None) -> int:
             print(f"wrote {path} (onnxruntime max |diff| vs PyTorch {diff:.2e})")
     if options.pt2:
         print(f"wrote {export_program(model, options.pt2)}")
+    return 0
+
+
+def _export_int8(model: VisionTransformer, path: Path, options: argparse.Namespace,
+                 images: torch.Tensor | None) -> int:
+    """fp32 ONNX (checked as without --quantize) into a temporary file, quantised into ``path``, then int8 checked
+    against fp32 PyTorch; returns the exit code."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        print("error: --quantize int8 needs onnxruntime (pip install onnxruntime)", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(dir=path.parent if path.parent.is_dir() else None) as tmp:
+        fp32 = export_onnx(model, Path(tmp) / "fp32.onnx", options.opset)
+        diff = check_onnx(model, fp32)
+        if diff > options.tolerance:
+            print(f"error: {path}: the fp32 ONNX model differs from PyTorch by {diff:.2e} > {options.tolerance}",
+                  file=sys.stderr)
+            return 1
+        quantize_onnx(fp32, path)
+    checked = images if images is not None else _example(model, 64)
+    diff, agreement = compare_onnx(model, path, checked)
+    what = f"{len(checked)} {'images' if images is not None else 'noise images'}"
+    if agreement < options.min_agreement:
+        print(f"error: {path}: int8 top-1 agrees with fp32 PyTorch on {agreement:.1%} of {what} "
+              f"< {options.min_agreement:.1%} (max |logit diff| {diff:.3g})", file=sys.stderr)
+        return 1
+    print(f"wrote {path} (int8; top-1 agreement with fp32 PyTorch {agreement:.1%} on {what}, "
+          f"max |logit diff| {diff:.3g})")
     return 0
 
 

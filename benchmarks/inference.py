@@ -1,0 +1,341 @@
+"""Inference backends next to timm eager: img/s, ratio to timm, peak memory and top-1 agreement on real images.
+
+    python benchmarks/inference.py                                   # ViT-Ti/16 + ViT-S/16, 224 px, batch 1 and 16
+    python benchmarks/inference.py --models vit_small_patch16_224 --batches 16
+    python benchmarks/inference.py --tiny --repeats 1 --backends eager,onnxruntime   # seconds; what the test runs
+
+Contenders, all in one process and timed round-robin (timm, ours, compile, ..., timm, ours, ...), so machine noise
+hits them alike: timm eager fp32 (the baseline), ours eager fp32, and ours through each backend of
+``vit.inference`` (compile, onnxruntime) in fp32 and int8 (eager = torch.ao dynamic int8 linear layers,
+onnxruntime = its dynamic int8 MatMuls). img/s is the median of ``--repeats`` timed batches after ``--warmup``
+untimed ones; ``build s`` is the one-time cost (quantisation, ONNX export, compilation) including the first batch.
+
+Speed that changes answers does not count, so every contender runs on real photos: CIFAR-10 test images from
+``../shared/data/cifar10_small.tgz`` when it is there (else scikit-learn's digits), resized to the model's size.
+No pretrained weights can be downloaded here, so each model is seeded random weights with its head fitted (ridge
+regression on the features of ``--train-images`` photos) to the ten classes: the logits then have the margins of a
+classifier of real images, and ``top-1 agree`` is the share of timed images whose top-1 equals ours eager fp32's.
+
+Peak memory is the growth of the resident set over one batch above what was live before it (weights excluded),
+as in ``throughput.py``; onnxruntime's arena keeps its buffers, so its row is measured with a session without one.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # throughput.py's helpers
+
+import timm  # noqa: E402
+from throughput import PeakMemory, _device_name, build_pair  # noqa: E402
+
+from vit.data.transforms import eval_transform  # noqa: E402
+from vit.inference import BackendError, create_runner, onnx_session, top1_agreement  # noqa: E402
+from vit.model import VisionTransformer  # noqa: E402
+
+DEFAULT_MODELS = "vit_tiny_patch16_224,vit_small_patch16_224"
+CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_small.tgz"
+CONTENDERS = [("timm", "eager", None), ("ours", "eager", None), ("ours", "compile", None),
+              ("ours", "onnxruntime", None), ("ours", "eager", "int8"), ("ours", "onnxruntime", "int8")]
+TARGET_FP32, TARGET_INT8, TARGET_AGREEMENT = 1.3, 2.0, 0.99
+
+
+# ---- real images --------------------------------------------------------------------------------------------
+def real_images(train: int, test: int, source: str = "auto", seed: int = 0) -> tuple[str, tuple, tuple]:
+    """(source, (train images, labels), (test images, labels)): HWC uint8 images, shuffled with ``seed``."""
+    if source == "cifar" and not CIFAR.is_file():
+        raise SystemExit(f"--images cifar: {CIFAR} is not there")
+    if source in ("auto", "cifar") and CIFAR.is_file():
+        return "CIFAR-10 photos (32 px)", _cifar("train", train, seed), _cifar("test", test, seed)
+    from vit.data.datasets import load_digits_arrays
+    images, labels = load_digits_arrays(3)
+    order = np.random.default_rng(seed).permutation(len(images))
+    images, labels = images[order], labels[order]
+    test = min(test, len(images) // 4)  # 1,797 digits: keep a quarter for testing when asked for more
+    train = min(train, len(images) - test)
+    return "scikit-learn digits (8 px)", (images[test:test + train], labels[test:test + train]), \
+        (images[:test], labels[:test])
+
+
+def _cifar(split: str, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image
+    photos = []
+    with tarfile.open(CIFAR, "r:gz") as archive:  # one pass: random access into a .tgz decompresses from the start
+        for member in archive:
+            if member.isfile() and f"/{split}/" in member.name and member.name.endswith(".jpg"):
+                data = archive.extractfile(member).read()
+                photos.append((member.name, np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))))
+    photos.sort(key=lambda item: item[0])
+    classes = sorted({Path(name).parent.name for name, _ in photos})
+    picked = [photos[i] for i in np.random.default_rng(seed).permutation(len(photos))[:count]]
+    return np.stack([image for _, image in picked]), np.asarray([classes.index(Path(name).parent.name)
+                                                                 for name, _ in picked])
+
+
+def to_batch(model, images: np.ndarray) -> torch.Tensor:
+    transform = eval_transform(model.img_size, timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD)
+    return torch.stack([transform(image=image)["image"] for image in images])
+
+
+# ---- agreement: a model trained here on the photos ---------------------------------------------------------
+AGREEMENT_MODEL = dict(img_size=32, patch_size=8, embed_dim=192, depth=4, num_heads=3, num_classes=10)
+
+
+def train_model(x: torch.Tensor, y: np.ndarray, seconds: float, batch: int = 64, lr: float = 3e-3,
+                seed: int = 0) -> VisionTransformer:
+    """A ViT-Ti-wide (192), 4-block, 32 px (patch 8) model trained from scratch for ``seconds`` (AdamW, flips,
+    cosine LR over the time budget)."""
+    torch.manual_seed(seed)
+    model = VisionTransformer(**AGREEMENT_MODEL)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    labels = torch.as_tensor(y)
+    start, step = time.perf_counter(), 0
+    generator = torch.Generator().manual_seed(seed)
+    while (elapsed := time.perf_counter() - start) < seconds:
+        for group in optimizer.param_groups:  # cosine over the time budget
+            group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * min(elapsed / seconds, 1.0)))
+        index = torch.randint(0, len(x), (batch,), generator=generator)
+        images = torch.where(torch.rand(batch, 1, 1, 1, generator=generator) < 0.5, x[index], x[index].flip(-1))
+        loss = torch.nn.functional.cross_entropy(model(images), labels[index], label_smoothing=0.1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+    model.steps = step
+    return model.eval()
+
+
+def bench_agreement(args, photos) -> list[dict]:
+    """Each backend and precision of the trained model against its eager fp32: top-1 agreement, max |logit diff|."""
+    (train_x, train_y), (test_x, test_y) = photos
+    model = VisionTransformer(**AGREEMENT_MODEL)
+    model = train_model(to_batch(model, train_x), train_y, args.train_seconds)
+    images = to_batch(model, test_x)
+    with torch.inference_mode():
+        reference = torch.cat([model(images[i:i + 256]) for i in range(0, len(images), 256)])
+    accuracy = float((reference.argmax(-1).numpy() == test_y).mean())
+    print(f"  agreement model: {model.steps} steps of 64 in {args.train_seconds:.0f} s, fp32 accuracy "
+          f"{accuracy:.3f} on {len(images)} test photos", file=sys.stderr, flush=True)
+    rows = []
+    for impl, backend, quantize in CONTENDERS:
+        if impl == "timm" or backend not in args.backends:
+            continue
+        row = dict(backend=backend, precision=quantize or "fp32", images=len(images), reference_accuracy=accuracy)
+        try:
+            runner = create_runner(model, backend, quantize, verify=False, threads=args.threads,
+                                   cache_dir=args.cache_dir)
+            logits = torch.cat([runner(images[i:i + 256]) for i in range(0, len(images), 256)])
+        except BackendError as error:
+            rows.append(dict(row, missing=str(error)))
+            continue
+        rows.append(dict(row, agreement=top1_agreement(logits, reference),
+                         max_diff=float((logits - reference).abs().max()),
+                         accuracy=float((logits.argmax(-1).numpy() == test_y).mean())))
+    return rows
+
+
+# ---- speed --------------------------------------------------------------------------------------------------
+def build(ours, theirs, impl, backend, quantize, probe, threads, cache_dir):
+    """(callable on a batch, seconds to build it and run the probe, the runner or None, why it is missing)."""
+    start = time.perf_counter()
+    if impl == "timm":
+        def forward(x):
+            with torch.inference_mode():
+                return theirs(x)
+        forward(probe)
+        return forward, time.perf_counter() - start, None, None
+    try:
+        # seeded weights give near-tied logits: answers are compared on the trained model (bench_agreement)
+        runner = create_runner(ours, backend, quantize, probe=probe, verify=False, threads=threads,
+                               cache_dir=cache_dir)
+        runner(probe)  # compile: the compilation happens here
+    except Exception as error:  # a backend that cannot run here is a row saying why, not the end of the run
+        return None, 0.0, None, str(error).splitlines()[0] if str(error) else type(error).__name__
+    return runner, time.perf_counter() - start, runner, None
+
+
+def bench_speed(name: str, args, images: np.ndarray) -> list[dict]:
+    ours, theirs = build_pair(name, torch.device("cpu"), args.tiny)
+    ours.eval(), theirs.eval()
+    images = to_batch(ours, images)
+
+    def make(impl, backend, quantize, probe):
+        forward, seconds, runner, missing = build(ours, theirs, impl, backend, quantize, probe, args.threads,
+                                                  args.cache_dir)
+        print(f"  {name}: built {impl} {backend} {quantize or 'fp32'} for batch {len(probe)} in {seconds:.1f} s" +
+              (f" (unavailable: {missing})" if missing else ""), file=sys.stderr, flush=True)
+        return dict(impl=impl, backend=backend, quantize=quantize, forward=forward, build=seconds, runner=runner,
+                    missing=missing)
+
+    built = {spec: make(*spec, images[:max(args.batches)]) for spec in CONTENDERS
+             if spec[0] == "timm" or (spec[1] in args.backends and spec[1] != "compile")}
+    rows = []
+    for batch in args.batches:
+        contenders = []
+        for spec in CONTENDERS:
+            if spec[1] == "compile" and "compile" in args.backends:
+                # inductor compiles one graph per batch size (the runner pads smaller batches): one per size here
+                contenders.append(make(*spec, images[:batch]))
+            elif spec in built:
+                contenders.append(built[spec])
+        live = [c for c in contenders if c["forward"] is not None]
+        batches = [images[(i * batch) % len(images):][:batch] for i in range(args.repeats + args.warmup)]
+        batches = [b if len(b) == batch else images[:batch] for b in batches]
+        for c in live:
+            c["times"] = []
+            for x in batches[:args.warmup]:
+                c["forward"](x)
+        for x in batches[args.warmup:]:  # round-robin: the same batch through every contender in turn
+            for c in live:
+                start = time.perf_counter()
+                c["forward"](x)
+                c["times"].append(time.perf_counter() - start)
+        timm_ips = batch / statistics.median(live[0]["times"])
+        for c in contenders:
+            row = dict(model=name if not args.tiny else "tiny", batch=batch, impl=c["impl"], backend=c["backend"],
+                       precision=c["quantize"] or "fp32", build=c["build"], missing=c["missing"])
+            if c["forward"] is not None:
+                ips = batch / statistics.median(c["times"])
+                row.update(ips=ips, ratio=ips / timm_ips, mem=_memory(c, batches[-1], args.threads),
+                           spread=(max(c["times"]) - min(c["times"])) / statistics.median(c["times"]))
+            rows.append(row)
+    return rows
+
+
+def _memory(contender: dict, x: torch.Tensor, threads: int) -> int | None:
+    forward, runner = contender["forward"], contender["runner"]
+    if runner is not None and runner.backend == "onnxruntime":  # measure with a session that has no arena
+        session = onnx_session(runner.path, threads, arena=False)
+        forward = lambda x: session.run(["logits"], {"images": x.numpy()})  # noqa: E731
+        forward(x)
+    with PeakMemory(torch.device("cpu")) as memory:
+        forward(x)
+    return memory.peak
+
+
+# ---- report -------------------------------------------------------------------------------------------------
+def _mb(value):
+    return "n/a" if value is None else f"{value / 2 ** 20:.0f}"
+
+
+def _agreement(agreement: list[dict], backend: str, precision: str) -> float | None:
+    if backend == "eager" and precision == "fp32":
+        return 1.0  # the reference itself (timm: the same weights and ops)
+    return next((r.get("agreement") for r in agreement if (r["backend"], r["precision"]) == (backend, precision)),
+                None)
+
+
+def print_tables(rows: list[dict], agreement: list[dict], file=None) -> None:
+    file = file or sys.stdout
+    print("| model | batch | impl | backend | precision | img/s | vs timm eager | peak mem MB | top-1 agree | "
+          "build s | spread |", file=file)
+    print("|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|", file=file)
+    for r in rows:
+        head = f"| {r['model']} | {r['batch']} | {r['impl']} | {r['backend']} | {r['precision']} |"
+        if r.get("ips") is None:
+            print(f"{head} unavailable: {r['missing']} | | | | | |", file=file)
+            continue
+        agree = _agreement(agreement, r["backend"], r["precision"])
+        print(f"{head} {r['ips']:.1f} | {r['ratio']:.2f} | {_mb(r['mem'])} | "
+              f"{'n/a' if agree is None else f'{100 * agree:.1f}%'} | {r['build']:.1f} | {100 * r['spread']:.0f}% |",
+              file=file)
+    if agreement:
+        first = agreement[0]
+        print(f"\ntop-1 agreement with eager fp32 on {first['images']} real test photos, model trained here "
+              f"(fp32 accuracy {first['reference_accuracy']:.3f}):\n", file=file)
+        print("| backend | precision | top-1 agreement | max abs logit diff | accuracy |", file=file)
+        print("|---|---|---:|---:|---:|", file=file)
+        for r in agreement:
+            if r.get("agreement") is None:
+                print(f"| {r['backend']} | {r['precision']} | unavailable: {r['missing']} | | |", file=file)
+            else:
+                print(f"| {r['backend']} | {r['precision']} | {100 * r['agreement']:.1f}% | {r['max_diff']:.2g} | "
+                      f"{r['accuracy']:.3f} |", file=file)
+
+
+def targets(rows: list[dict], agreement: list[dict], file=None) -> dict:
+    """The issue's targets, on the last model and largest batch of the run: best fp32 / int8 contender vs timm."""
+    file = file or sys.stdout
+    measured = [r for r in rows if r.get("ips") is not None and r["impl"] == "ours"]
+    if not measured:
+        return {}
+    model, batch = measured[-1]["model"], max(r["batch"] for r in measured)
+    chosen = [r for r in measured if r["model"] == model and r["batch"] == batch]
+    result = {}
+    for precision, target in (("fp32", TARGET_FP32), ("int8", TARGET_INT8)):
+        # speed that changes answers does not count
+        candidates = [r for r in chosen if r["precision"] == precision and
+                      (_agreement(agreement, r["backend"], precision) or 0) >= TARGET_AGREEMENT]
+        best = max(candidates, key=lambda r: r["ratio"], default=None)
+        result[precision] = best
+        if best is None:
+            print(f"target: {precision} >= {target}x timm eager fp32 ({model}, batch {batch}): no contender with "
+                  f">= {TARGET_AGREEMENT:.0%} top-1 agreement", file=file)
+        else:
+            print(f"target: {precision} >= {target}x timm eager fp32 ({model}, batch {batch}): best "
+                  f"{best['backend']} {best['ratio']:.2f}x (top-1 agreement "
+                  f"{100 * _agreement(agreement, best['backend'], precision):.1f}%) -> "
+                  f"{'met' if best['ratio'] >= target else 'not met'}", file=file)
+    return result
+
+
+def parse_args(args=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated registry names")
+    p.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
+    p.add_argument("--backends", default="eager,compile,onnxruntime", help="ours: which backends to run")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (torch and onnxruntime)")
+    p.add_argument("--repeats", type=int, default=8, help="timed batches per contender and batch size")
+    p.add_argument("--warmup", type=int, default=1, help="untimed batches first")
+    p.add_argument("--train-images", type=int, default=5000, help="photos the agreement model is trained on")
+    p.add_argument("--train-seconds", type=float, default=90, help="training time of the agreement model")
+    p.add_argument("--test-images", type=int, default=1000, help="photos agreement is measured on")
+    p.add_argument("--images", choices=["auto", "cifar", "digits"], default="auto",
+                   help="real images: CIFAR-10 photos from shared/data, or scikit-learn's digits (auto: CIFAR if there)")
+    p.add_argument("--tiny", action="store_true", help="a tiny 32 px, depth-2 model instead of --models (smoke test)")
+    p.add_argument("--cache-dir", default=None, help="where ONNX exports go (default: a temporary folder)")
+    args = p.parse_args(args)
+    args.batches = [int(b) for b in args.batches.split(",") if b]
+    args.backends = [b for b in args.backends.split(",") if b]
+    return args
+
+
+def main(args=None) -> tuple[list[dict], list[dict]]:
+    args = parse_args(args)
+    torch.set_num_threads(args.threads)
+    try:
+        import onnxruntime
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = "not installed"
+    source, train, test = real_images(args.train_images, args.test_images, args.images)
+    models = ["tiny"] if args.tiny else [m for m in args.models.split(",") if m]
+    print(f"torch {torch.__version__}, timm {timm.__version__}, onnxruntime {ort_version}, "
+          f"{_device_name(torch.device('cpu'))}, threads {torch.get_num_threads()}, repeats {args.repeats}, "
+          f"warmup {args.warmup}; images: {source}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.cache_dir is None:
+            args.cache_dir = tmp
+        agreement = bench_agreement(args, (train, test))
+        rows = []
+        for name in models:
+            rows += bench_speed(name, args, test[0][:64])
+    print()
+    print_tables(rows, agreement)
+    print()
+    targets(rows, agreement)
+    return rows, agreement
+
+
+if __name__ == "__main__":
+    main()
