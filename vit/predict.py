@@ -81,24 +81,15 @@ def _collate(items: list) -> torch.Tensor | Exception:
     return errors[0] if errors else torch.stack(items)
 
 
-def _quiet_worker(_: int) -> None:
-    # one thread per decoding worker: the cores belong to the model
-    torch.set_num_threads(1)
-    try:
-        import cv2
-        cv2.setNumThreads(1)
-    except ImportError:
-        pass
-
-
 def image_loader(model: VisionTransformer, paths: Sequence[str | Path], batch_size: int = 32,
                  workers: int | None = None) -> DataLoader:
     """Batches (B, C, H, W) of ``paths`` in order, decoded by ``workers`` processes (default: none for a single
-    batch, else one; each one thread) while the model runs on the previous batch."""
+    batch, else one) while the model runs on the previous batch. torch gives each worker one thread; nothing
+    else is set in the workers (OpenCV's thread pool, reconfigured in a forked child, can hang it)."""
     if workers is None:
         workers = 0 if len(paths) <= batch_size else 1
     return DataLoader(ImageFiles(model, paths), batch_size=batch_size, num_workers=workers, collate_fn=_collate,
-                      worker_init_fn=_quiet_worker if workers else None, prefetch_factor=2 if workers else None)
+                      prefetch_factor=2 if workers else None)
 
 
 def _check_files(paths: Sequence[str | Path]) -> None:
