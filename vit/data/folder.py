@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -18,7 +17,7 @@ from torch.utils.data import Dataset
 
 from ..files import atomic_path
 from .cache import DecodedImages
-from .images import IMAGE_EXTENSIONS, BadImageError, check_image, load_image
+from .images import IMAGE_EXTENSIONS, BadImageError, SkipLog, check_image, load_image
 from .sampling import seed_transform, split_index
 
 CACHE_VERSION = 1
@@ -109,12 +108,12 @@ class FileDataset(Dataset):
         self.in_chans = in_chans
         self.on_bad_image = on_bad_image
         self.skip_log = skip_log
-        self._warned = False
+        self.skips = SkipLog(skip_log)
         self.decoded: DecodedImages | None = None  # data.cache: every image decoded once, see cache_decoded()
 
     def cache_decoded(self, threads: int | None = None) -> "FileDataset":
         """Decode every file now, once, into memory (``data.cache``); files that fail follow ``on_bad_image``."""
-        on_bad = self._record_skip if self.on_bad_image == "skip" else None
+        on_bad = self.skips.record if self.on_bad_image == "skip" else None
         self.decoded = DecodedImages.decode([path for path, _ in self.samples], self.in_chans, on_bad, threads)
         return self
 
@@ -138,7 +137,7 @@ class FileDataset(Dataset):
             except BadImageError as err:
                 if self.on_bad_image != "skip":
                     raise
-                self._record_skip(err)
+                self.skips.record(err)
         else:
             raise BadImageError(self.samples[i][0], "this and the following files could not be decoded")
         if self.transform is not None:
@@ -146,18 +145,6 @@ class FileDataset(Dataset):
                 seed_transform(self.transform, sample_seed)
             image = self.transform(image=image)["image"]
         return image, label
-
-    def _record_skip(self, err: BadImageError) -> None:
-        if self.skip_log is not None:
-            Path(self.skip_log).parent.mkdir(parents=True, exist_ok=True)
-            with open(self.skip_log, "a", encoding="utf-8") as f:  # one short line: appends don't interleave
-                f.write(f"{err.path}\t{err.reason}\n")
-        if not self._warned:
-            self._warned = True
-            where = f"; listed in {self.skip_log}" if self.skip_log else ""
-            warnings.warn(f"skipping images that fail to decode (first: {err.path}: {err.reason}){where}",
-                          stacklevel=2)
-
 
 def check_images(folder: Path, files: Iterable[Path]) -> dict[str, str]:
     """``{path: reason}`` for the bad files among ``files`` (all under ``folder``), using and updating the

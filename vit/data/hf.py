@@ -5,13 +5,12 @@ Images are kept encoded (``Image(decode=False)``) and decoded here with :func:`v
 channels, EXIF rotation and bad files are handled exactly as for image folders. ``datasets`` itself is imported
 lazily: constructing a data module for another source does not pay for it.
 
-The helpers for encoded images (``decode_image``, ``SkipLog``, ``stream_seed``) are shared with the litdata reader
+``stream_seed`` (and ``decode_image`` / ``SkipLog`` from images.py) are shared with the litdata reader
 in ``streaming.py``.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from .images import BadImageError, load_image
+from .images import BadImageError, SkipLog, decode_image
 from .sampling import seed_transform, split_index
 
 SPLIT_KEYS = ("train", "val", "test")
@@ -30,45 +29,6 @@ MAX_STREAM_SHARDS = 64  # a local dataset streamed from disk is cut into this ma
 
 
 # ---- encoded images, shared with streaming.py -------------------------------------------------------------------
-def decode_image(data: bytes | str | None, in_chans: int, name: str) -> np.ndarray:
-    """Encoded image bytes (or a file path) to HWC uint8 with ``in_chans`` channels, as ``load_image`` decodes files;
-    failures raise ``BadImageError`` naming ``name`` (the sample, since bytes have no file name).
-
-    Example:
-        >>> decode_image(b"not an image", 3, "train[7]")
-        Traceback (most recent call last):
-        ...
-        vit.data.images.BadImageError: bad image train[7]: not an image Pillow can read
-    """
-    if data is None:
-        raise BadImageError(name, "no image data")
-    if isinstance(data, (str, Path)):
-        return load_image(data, in_chans)
-    try:
-        return load_image(io.BytesIO(data), in_chans)  # Pillow reads file objects as it reads files
-    except BadImageError as err:
-        raise BadImageError(name, err.reason) from None
-
-
-class SkipLog:
-    """Undecodable samples skipped while training: one warning, and each ``name<TAB>reason`` appended to ``path``
-    (the run's ``skipped_images.tsv``), as image folders report them."""
-
-    def __init__(self, path: str | Path | None = None):
-        self.path = path
-        self._warned = False
-
-    def record(self, err: BadImageError) -> None:
-        if self.path is not None:
-            with open(self.path, "a", encoding="utf-8") as f:  # one short line: appends don't interleave
-                f.write(f"{err.path}\t{err.reason}\n")
-        if not self._warned:
-            self._warned = True
-            where = f"; listed in {self.path}" if self.path else ""
-            warnings.warn(f"skipping images that fail to decode (first: {err.path}: {err.reason}){where}",
-                          stacklevel=3)
-
-
 def stream_seed(*parts: int) -> int:
     """A sample's augmentation seed from integers (seed, epoch, the sample's identity), the same in any worker.
 

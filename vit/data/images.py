@@ -1,6 +1,7 @@
 """Decoding one image file, and the error every reader raises for a file it cannot use."""
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -99,3 +100,43 @@ def _has_jpeg_end(path: Path) -> bool:
     with open(path, "rb") as f:
         f.seek(max(0, path.stat().st_size - 1024))
         return b"\xff\xd9" in f.read()
+
+
+def decode_image(data: bytes | str | None, in_chans: int, name: str) -> np.ndarray:
+    """Encoded image bytes (or a file path) to HWC uint8 with ``in_chans`` channels, as ``load_image`` decodes files;
+    failures raise ``BadImageError`` naming ``name`` (the sample, since bytes have no file name).
+
+    Example:
+        >>> decode_image(b"not an image", 3, "train[7]")
+        Traceback (most recent call last):
+        ...
+        vit.data.images.BadImageError: bad image train[7]: not an image Pillow can read
+    """
+    if data is None:
+        raise BadImageError(name, "no image data")
+    if isinstance(data, (str, Path)):
+        return load_image(data, in_chans)
+    try:
+        return load_image(io.BytesIO(data), in_chans)  # Pillow reads file objects as it reads files
+    except BadImageError as err:
+        raise BadImageError(name, err.reason) from None
+
+
+class SkipLog:
+    """Undecodable samples skipped while training: one warning, and each ``name<TAB>reason`` appended to ``path``
+    (the run's ``skipped_images.tsv``), as image folders report them."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = path
+        self._warned = False
+
+    def record(self, err: BadImageError) -> None:
+        if self.path is not None:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:  # one short line: appends don't interleave
+                f.write(f"{err.path}\t{err.reason}\n")
+        if not self._warned:
+            self._warned = True
+            where = f"; listed in {self.path}" if self.path else ""
+            warnings.warn(f"skipping images that fail to decode (first: {err.path}: {err.reason}){where}",
+                          stacklevel=3)

@@ -24,7 +24,8 @@ from typing import Any, Callable
 import torch
 from litdata import StreamingDataLoader, StreamingDataset
 
-from .hf import SkipLog, apply_transform, decode_image, stream_seed
+from .hf import apply_transform, stream_seed
+from .images import SkipLog, decode_image
 from .images import BadImageError
 
 META_FILE = "vit_dataset.json"
