@@ -192,3 +192,130 @@ def test_cache_reports_files_that_fail_to_decode_and_leaves_them_empty(tmp_path)
     assert len(reported) == 1 and reported[0].path.endswith("bad.png")
     with pytest.raises(BadImageError, match="bad.png"):
         DecodedImages.decode([str(tmp_path / "bad.png")])
+
+
+def _share_between_threads(paths, name, **kwargs):
+    """Two "processes" of one node as threads (leader first): each one's cache, or the exception it raised."""
+    import threading
+
+    from vit.data.cache import DecodedImages, NodeShare
+    barrier, results = threading.Barrier(2, timeout=60), {}
+
+    def run(leader):
+        try:
+            results[leader] = DecodedImages.decode(paths, share=NodeShare(name, leader, barrier.wait), **kwargs)
+        except Exception as err:  # noqa: BLE001 — the test looks at it
+            results[leader] = err
+
+    threads = [threading.Thread(target=run, args=(leader,)) for leader in (True, False)]
+    [t.start() for t in threads], [t.join() for t in threads]
+    return results[True], results[False]
+
+
+def _left_behind(name):
+    from vit.data.cache import _shared_folders
+    return [p for folder in _shared_folders() for p in folder.iterdir() if name in p.name]
+
+
+def test_cache_shared_by_a_node_is_decoded_once_and_mapped_by_the_others(tmp_path, monkeypatch):
+    import os
+
+    import vit.data.cache as cache_module
+    from vit.data.cache import DecodedImages
+    root = write_image_folder(tmp_path / "images", per_class=3, size=12, splits=("",))
+    paths = sorted(str(p) for p in root.rglob("*.png"))
+    decoded = []
+    monkeypatch.setattr(cache_module, "load_image", lambda p, c: decoded.append(p) or load_image(p, c))
+    name = f"vit-cache-test{os.getpid()}"
+    leader, follower = _share_between_threads(paths, name)
+    assert len(decoded) == len(paths)  # the leader alone decoded
+    private = DecodedImages.decode(paths)
+    for cache in (leader, follower):  # both read-only mappings of the one file, with the private decode's pixels
+        assert isinstance(cache.buffer, np.memmap) and not cache.buffer.flags.writeable
+        assert all(np.array_equal(cache[i], private[i]) for i in range(len(paths)))
+    assert leader.buffer.filename == follower.buffer.filename and not _left_behind(name)  # unlinked once mapped
+
+
+def test_cache_shared_by_a_node_names_the_leaders_failure_to_the_others(tmp_path):
+    import os
+
+    from vit.data.images import BadImageError
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    name = f"vit-cache-test{os.getpid()}"
+    leader, follower = _share_between_threads([str(tmp_path / "bad.png")], name)  # on_bad_image: error
+    assert isinstance(leader, BadImageError)  # and the other process does not wait for ever:
+    assert isinstance(follower, RuntimeError) and "data.cache: the node's first process did not" in str(follower)
+    assert not _left_behind(name)
+
+
+def test_cache_refuses_a_node_copy_that_would_not_fit(tmp_path):
+    from vit.data.cache import DecodedImages, NodeShare
+    Image.new("RGB", (100, 100)).save(tmp_path / "a.png")
+    alone = NodeShare("vit-cache-test", leader=True, barrier=lambda: None)
+    with pytest.raises(ValueError, match=r"data.cache: decoding 1 images needs 0.00 GiB \(one copy for all processes "
+                                         r"on this node\), more than 50% of the 0.00 GiB of memory available"):
+        DecodedImages.decode([str(tmp_path / "a.png")], available=20_000, share=alone)
+
+
+DDP_CACHE_SCRIPT = """
+import hashlib, json, os, sys, warnings
+import lightning as L
+import vit.data.cache as cache_module
+from vit.data import ImageDataModule
+from vit.module import ImageClassifier
+
+decoded = []  # every image this process decoded for the cache
+real = cache_module.load_image
+cache_module.load_image = lambda path, in_chans: decoded.append(path) or real(path, in_chans)
+
+class Record(L.Callback):
+    def on_fit_start(self, trainer, module):  # after setup: the caches are built
+        data = trainer.datamodule.train_set
+        buffer = data.decoded.buffer
+        file = str(getattr(buffer, "filename", None) or "")  # a memmap's: the file it maps
+        name = os.path.basename(file) or "private"
+        with open(os.path.join(sys.argv[1], f"rank{trainer.global_rank}.json"), "w") as f:
+            json.dump({"decoded": len(decoded), "file": file, "exists": os.path.exists(file),
+                       # device and inode of every mapping of the file: the same in both processes if they share it
+                       "mapped": sorted({" ".join(line.split()[3:5]) for line in open("/proc/self/maps")
+                                         if name in line}),
+                       "sha": hashlib.sha1(buffer.tobytes()).hexdigest(), "paths": [p for p, _ in data.samples]}, f)
+
+if __name__ == "__main__":
+    warnings.simplefilter("ignore")
+    dm = ImageDataModule("imagefolder", root=sys.argv[2], img_size=16, batch_size=4, cache=True)
+    module = ImageClassifier(num_classes=dm.num_classes, img_size=16, patch_size=8, embed_dim=32, depth=1,
+                             num_heads=2)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2, limit_val_batches=1,
+                        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=sys.argv[1], callbacks=[Record()])
+    trainer.fit(module, datamodule=dm)
+"""
+
+
+@pytest.mark.slow
+def test_ddp_processes_on_a_node_share_one_decoded_copy(tmp_path):
+    import hashlib
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from vit.data.cache import DecodedImages
+    root = write_image_folder(tmp_path / "images", per_class=6, size=16)  # train/ and val/: two caches
+    script = tmp_path / "ddp_cache.py"
+    script.write_text(DDP_CACHE_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(root)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=420, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["decoded"] for r in ranks] == [24, 0]  # rank 0 decoded train and val; rank 1 nothing
+    # rank 1 maps the very file rank 0 wrote (same device and inode), unlinked once both had mapped it
+    assert ranks[0]["file"] == ranks[1]["file"] and ranks[0]["mapped"] == ranks[1]["mapped"] != []
+    assert not ranks[0]["exists"] and not ranks[1]["exists"]
+    private = DecodedImages.decode(ranks[0]["paths"])  # and holds the pixels a private decode gives
+    assert ranks[0]["sha"] == ranks[1]["sha"] == hashlib.sha1(private.buffer.tobytes()).hexdigest()
+    run = Path(ranks[0]["file"]).name.split("-node")[0]  # this run's files, temporary ones included: none left
+    assert run.startswith("vit-cache-") and not _left_behind(run)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .cache import NodeShare
 from .datasets import CIFAR10_CLASSES, DIGITS_CLASSES, ArrayDataset, load_digits_arrays
 from .folder import FileDataset, find_classes, list_images
 from .folder import scan_image_folder as _scan
@@ -67,8 +68,9 @@ class ImageDataModule(L.LightningDataModule):
         streaming: hf only: stream the dataset instead of downloading it, sharded per process.
         cache_dir: hf: the datasets cache (default ~/.cache/huggingface/datasets); streaming: litdata's chunk
             cache for an s3:// or gs:// root.
-        cache: image folders: decode every image once into memory (shared by the loader workers) and augment
-            from there; refused with a clear message when it would take over half the memory available.
+        cache: image folders: decode every image once into memory and augment from there; one copy per node,
+            shared by the loader workers and DDP processes; refused with a clear message when it would take over
+            half the memory available.
 
     Example:
         >>> dm = ImageDataModule("digits", img_size=32, batch_size=16)
@@ -229,13 +231,14 @@ class ImageDataModule(L.LightningDataModule):
         self.val_set = FileDataset(val_samples, eval_tf, self.in_chans, self.on_bad_image, skip_log)
         self.test_set = FileDataset(test_samples, eval_tf, self.in_chans, self.on_bad_image, skip_log)
         if self.hparams.get("cache"):
+            share = NodeShare.for_trainer(getattr(self, "trainer", None))  # DDP: one decoded copy per node
             cached: list[FileDataset] = []
             for dataset in (self.train_set, self.val_set, self.test_set):
                 same = next((c for c in cached if c.samples == dataset.samples), None)  # val doubling as test
                 if same is not None:
                     dataset.decoded = same.decoded
                 else:
-                    cached.append(dataset.cache_decoded(threads=max(1, self.num_workers)))
+                    cached.append(dataset.cache_decoded(threads=max(1, self.num_workers), share=share))
 
     def _open_source(self):
         """``hf``: a Hugging Face dataset (see hf.py); ``streaming``: converted litdata shards (see streaming.py).

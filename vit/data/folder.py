@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Sequence
 from torch.utils.data import Dataset
 
 from ..files import atomic_path
-from .cache import DecodedImages
+from .cache import DecodedImages, NodeShare
 from .images import IMAGE_EXTENSIONS, BadImageError, SkipLog, check_image, load_image
 from .sampling import seed_transform, split_index
 
@@ -111,10 +111,12 @@ class FileDataset(Dataset):
         self.skips = SkipLog(skip_log)
         self.decoded: DecodedImages | None = None  # data.cache: every image decoded once, see cache_decoded()
 
-    def cache_decoded(self, threads: int | None = None) -> "FileDataset":
-        """Decode every file now, once, into memory (``data.cache``); files that fail follow ``on_bad_image``."""
+    def cache_decoded(self, threads: int | None = None, share: NodeShare | None = None) -> "FileDataset":
+        """Decode every file now, once, into memory (``data.cache``); files that fail follow ``on_bad_image``.
+        With ``share``, the processes of a node share one copy (see ``NodeShare``)."""
         on_bad = self.skips.record if self.on_bad_image == "skip" else None
-        self.decoded = DecodedImages.decode([path for path, _ in self.samples], self.in_chans, on_bad, threads)
+        self.decoded = DecodedImages.decode([path for path, _ in self.samples], self.in_chans, on_bad, threads,
+                                            share=share)
         return self
 
     def __len__(self) -> int:
