@@ -12,6 +12,11 @@ one worker (the main process, one thread for torch and OpenCV, as a DataLoader w
   (random resized crop, flip, colour jitter p=0.8, normalise / resize short side, center crop).
 
 Pipelines run A/B interleaved; each row is the median img/s of ``--repeats`` passes over the folder.
+The sources table reads the same 32 px JPEGs, through our train pipeline and one worker, from: the image folder,
+the image folder with ``data.cache`` (decoded once into memory), litdata chunks written by
+``python -m vit.data.convert`` (``data.dataset: streaming``) and a parquet file (``data.dataset: hf``). Its
+first pass includes what ``setup`` does once (scanning, decoding the cache, reading the chunk index, converting
+the parquet file into the ``datasets`` cache); the later passes are the median of ``--repeats``.
 The last table compares the 32 px train pipeline with the training-step img/s of the default
 digits/CIFAR-size model (configs/digits.yaml's architecture at 32 px, batch 64, 2 threads): one
 worker must deliver several times what the model consumes, or the data starves it.
@@ -145,6 +150,65 @@ def _pass(dataset, batch_size: int) -> float:
     return n / (time.perf_counter() - start)
 
 
+# ---- the same images from each source -------------------------------------------------------------
+def write_sources(root: Path, samples: list[tuple[str, int]], val: list[tuple[str, int]]) -> dict[str, Path]:
+    """The JPEGs as an image folder (train/, val/), litdata chunks of it, and parquet files (train, validation)."""
+    import shutil
+
+    import datasets
+
+    from vit.data.convert import convert
+    folder = root / "folder"
+    for split, items in (("train", samples), ("val", val)):
+        for path, label in items:
+            dst = folder / split / f"class{label}" / Path(path).name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, dst)
+    convert(folder, root / "chunks", chunk_bytes="16MB", workers=1)
+    parquet = root / "parquet" / "data"
+    parquet.mkdir(parents=True)
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=sorted({f"class{lab}" for _, lab in samples}))})
+    for split, items in (("train", samples), ("validation", val)):
+        table = datasets.Dataset.from_dict({"image": [{"bytes": Path(p).read_bytes(), "path": None} for p, _ in items],
+                                            "label": [lab for _, lab in items]}, features=features)
+        table.to_parquet(str(parquet / f"{split}-00000-of-00001.parquet"))
+    return {"image folder": folder, "image folder + data.cache": folder, "litdata chunks (streaming)": root / "chunks",
+            "parquet (hf)": root / "parquet"}
+
+
+def source_rows(sources: dict[str, Path], img_size: int, batch: int, repeats: int, hf_cache: Path) -> list[dict]:
+    """One worker's training img/s from each source: first pass (with setup) and warm passes, interleaved."""
+    import datasets
+
+    from vit.data import ImageDataModule
+    kinds = {"image folder": "imagefolder", "image folder + data.cache": "imagefolder",
+             "litdata chunks (streaming)": "streaming", "parquet (hf)": "hf"}
+    loaders, first = {}, {}
+    saved_cache = datasets.config.HF_DATASETS_CACHE
+    datasets.config.HF_DATASETS_CACHE = str(hf_cache)  # a cold cache: the parquet conversion is part of pass 1
+    try:
+        for name, root in sources.items():
+            start = time.perf_counter()
+            dm = ImageDataModule(kinds[name], root=str(root), img_size=img_size, batch_size=batch, num_workers=0,
+                                 augment="light", cache=name.endswith("data.cache"))
+            dm.setup("fit")
+            loaders[name] = dm.train_dataloader()
+            n = sum(images.shape[0] for images, _ in loaders[name])
+            first[name] = n / (time.perf_counter() - start)
+    finally:
+        datasets.config.HF_DATASETS_CACHE = saved_cache
+    warm = {name: [] for name in sources}
+    for _ in range(repeats):
+        for name, loader in loaders.items():
+            start = time.perf_counter()
+            n = sum(images.shape[0] for images, _ in loader)
+            warm[name].append(n / (time.perf_counter() - start))
+    ref = statistics.median(warm["image folder"])
+    return [dict(source=name, images=n, first=first[name], ips=statistics.median(warm[name]),
+                 ratio=statistics.median(warm[name]) / ref) for name in sources]
+
+
 # ---- the model the data feeds -------------------------------------------------------------------
 def model_train_ips(batch: int, repeats: int, threads: int) -> float:
     """Training-step img/s of the default digits/CIFAR-size model at 32 px (forward, backward, AdamW)."""
@@ -180,6 +244,7 @@ def parse_args(args=None) -> argparse.Namespace:
     p.add_argument("--sizes", default="32,224", help="output sizes; 32 reads 32 px images, larger ones photos")
     p.add_argument("--threads", type=int, default=2, help="threads for the model's training step")
     p.add_argument("--no-model", action="store_true", help="skip the model training-step comparison")
+    p.add_argument("--no-sources", action="store_true", help="skip the image folder / cache / chunks / parquet table")
     return p.parse_args(args)
 
 
@@ -225,9 +290,17 @@ def main(args=None) -> list[dict]:
     for r in rows:
         print(f"| {r['size']} | {r['source']} | {r['split']} | {r['impl']} | {r['images']} | {r['ips']:.0f} | "
               f"{r['ratio']:.2f} |")
+    if not args.no_sources:
+        sources = [r for r in _sources(args) if r]
+        print("\n| source (32 px JPEG, train pipeline, one worker) | images | first pass img/s (with setup) | "
+              "later passes img/s | vs image folder |")
+        print("|---|---:|---:|---:|---:|")
+        for r in sources:
+            print(f"| {r['source']} | {r['images']} | {r['first']:.0f} | {r['ips']:.0f} | {r['ratio']:.2f} |")
+        rows += [dict(r, split="source") for r in sources]
     if not args.no_model:
         ips = model_train_ips(args.batch, max(args.repeats, 3), args.threads)
-        data = [r for r in rows if r["size"] <= 64 and r["split"] == "train" and r["impl"].startswith("ours")]
+        data = [r for r in rows if r["split"] == "train" and r["size"] <= 64 and r["impl"].startswith("ours")]
         print(f"\ndefault digits/CIFAR-size model ({DIGITS_MODEL}, 32 px, batch {args.batch}, "
               f"{args.threads} threads): training step {ips:.0f} img/s")
         for r in data:
@@ -235,6 +308,22 @@ def main(args=None) -> list[dict]:
                   f"{r['ips'] / ips:.1f}x the model's training step")
         rows.append(dict(size=32, split="model-train-step", impl="ours", ips=ips))
     return rows
+
+
+def _sources(args) -> list[dict]:
+    import cv2
+    saved_threads, saved_cv2 = torch.get_num_threads(), cv2.getNumThreads()
+    with tempfile.TemporaryDirectory() as tmp:
+        samples = write_jpeg_folder(Path(tmp) / "jpeg", args.images, (32, 32), seed=32)
+        val = write_jpeg_folder(Path(tmp) / "jpeg_val", max(args.images // 8, 2), (32, 32), seed=33)
+        sources = write_sources(Path(tmp), samples, val)
+        torch.set_num_threads(1)  # what a DataLoader worker gets
+        cv2.setNumThreads(1)
+        try:
+            return source_rows(sources, 32, args.batch, args.repeats, Path(tmp) / "hf_cache")
+        finally:
+            torch.set_num_threads(saved_threads)
+            cv2.setNumThreads(saved_cv2)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,11 @@ def test_dataloader_tiny_mode_compares_pipelines_and_model(capsys):
     assert "ours (albumentations)" in out and "torchvision v2" in out and "training step" in out
     pipelines = [r for r in rows if r["split"] in ("train", "eval")]
     assert len(pipelines) == 8 and all(r["ips"] > 0 for r in pipelines)
+    sources = [r for r in rows if r["split"] == "source"]
+    assert [r["source"] for r in sources] == ["image folder", "image folder + data.cache",
+                                              "litdata chunks (streaming)", "parquet (hf)"]
+    assert all(r["ips"] > 0 and r["first"] > 0 and r["images"] == 8 for r in sources)
+    assert "| parquet (hf) | 8 |" in out
 
 
 def test_train_loop_tiny_mode_compares_our_cli_and_a_timm_loop(capsys, tmp_path, monkeypatch):
@@ -75,7 +80,9 @@ def test_train_loop_tiny_mode_compares_our_cli_and_a_timm_loop(capsys, tmp_path,
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "| timm loop |" in out and "| ours + data.cache |" in out
-    assert [r["loop"] for r in rows] == ["ours", "ours + data.cache", "timm loop"] and all(r["img_s"] > 0 for r in rows)
+    assert [r["loop"] for r in rows] == ["ours", "ours + data.cache", "timm loop",
+                                         "model step alone (no data, the ceiling)"]
+    assert all(r["img_s"] > 0 for r in rows)
 
 
 def test_inference_tiny_mode_prints_speed_and_agreement_tables(capsys):
@@ -100,3 +107,17 @@ def test_inference_tiny_mode_prints_speed_and_agreement_tables(capsys):
     assert [(r["backend"], r["precision"]) for r in agreement] == [
         ("eager", "fp32"), ("onnxruntime", "fp32"), ("eager", "int8"), ("onnxruntime", "int8")]
     assert [r["agreement"] for r in agreement[:2]] == [1.0, 1.0]
+
+
+@pytest.mark.slow
+def test_small_data_tiny_mode_trains_under_a_budget_and_draws_the_curve(capsys, tmp_path):
+    small_data = _load("small_data")
+    rows = small_data.main(["--tiny", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| budget (min) | epochs | wall (min) | best val acc | test acc |" in out
+    (row,) = rows
+    assert row["minutes"] == pytest.approx(1 / 3) and row["epochs"] >= 1 and 0 <= row["test_acc"] <= 1
+    assert row["test_images"] > 0 and row["wall_min"] < 2
+    assert (tmp_path / "results.csv").read_text().startswith("minutes,")
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "accuracy_vs_minutes.png").stat().st_size > 1000
