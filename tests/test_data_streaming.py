@@ -293,3 +293,183 @@ def test_ddp_two_processes_share_the_shards_in_equal_steps(shards, tmp_path):
         seen = [label for r in ranks for batch in r["labels"][epoch * 3:(epoch + 1) * 3] for label in batch]
         assert sorted(seen) == [0] * 6 + [1] * 6 + [2] * 6  # each sample once per epoch, on one of the processes
     assert ranks[0]["val_acc"] == ranks[1]["val_acc"] != -1  # validation ran on both, synced
+
+
+# ---- mid-epoch resume ---------------------------------------------------------------------------------------------
+def _ids(batches):
+    return [hashlib.sha1(x.numpy().tobytes()).hexdigest() for xs, _ in batches for x in xs]
+
+
+def _train_loader(out, num_workers=0):
+    dm = ImageDataModule("streaming", root=str(out), img_size=16, batch_size=3, num_workers=num_workers)
+    dm.setup("fit")
+    return dm.train_dataloader()
+
+
+def test_loader_resumes_once_then_starts_the_next_epoch_afresh(shards):
+    """The training loader without Lightning: restored from a position 2 of 6 batches into epoch 1, it yields the
+    other 4; a second ``load_state_dict`` (Lightning's own copy, when it builds the loader after restoring the
+    checkpoint) changes nothing; and after the 4 batches (Lightning stops at the loader's length, without asking
+    for more) the next epoch is the uninterrupted loader's."""
+    import itertools
+    _, out, _ = shards
+    uninterrupted = _train_loader(out)
+    epochs = [_ids(uninterrupted) for _ in range(3)]
+    stopped = _train_loader(out)
+    _ids(stopped)
+    trained = _ids(itertools.islice(iter(stopped), 2))
+    state = stopped.state_dict()
+    resumed = _train_loader(out)
+    resumed.load_state_dict(state)
+    resumed.load_state_dict({"current_epoch": 0})  # ignored
+    assert trained + _ids(itertools.islice(iter(resumed), 4)) == epochs[1]
+    assert _ids(resumed) == epochs[2]
+
+RECORD = """
+import hashlib, json
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+def sample_ids(batch):
+    # a sample's identity in an epoch: its augmentation is seeded by (seed, epoch, sample index), so the same sample
+    # in the same epoch gives the same bytes whichever worker, process or run loads it
+    images, labels = batch
+    return [hashlib.sha1(x.cpu().numpy().tobytes()).hexdigest()[:16] + f":{int(y)}" for x, y in zip(images, labels)]
+
+
+class Record(Callback):
+    \"\"\"Appends each trained batch (step, epoch, sample ids) to batches.jsonl at once, so that the record survives
+    a SIGKILL; writes the final weights to final.pt.\"\"\"
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        with open("batches.jsonl", "a") as f:
+            f.write(json.dumps({"step": trainer.global_step, "epoch": trainer.current_epoch,
+                                "samples": sample_ids(batch)}) + "\\n")
+
+    def on_fit_end(self, trainer, module):
+        torch.save({"step": trainer.global_step, "weights": module.state_dict()}, "final.pt")
+"""
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _stream_cli(cwd, root, *args):
+    """``train.py fit`` on the shards: 3 epochs of 6 batches of 3, last.ckpt every 4 steps (mid-epoch at 4, 8, 16),
+    dropout on (the RNG states must be restored too), deterministic CPU; each trained batch recorded."""
+    import os
+    import subprocess
+    import sys
+
+    from test_resume import REPO
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(cwd)])}
+    cmd = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs" / "imagefolder.yaml"),
+           "--data.dataset", "streaming", "--data.root", str(root), "--trainer.max_epochs", "3",
+           "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false", "--trainer.deterministic",
+           "true", "--trainer.accelerator", "cpu", "--model.arch", "null", "--model.embed_dim", "32", "--model.depth",
+           "1", "--model.num_heads", "2", "--model.patch_size", "8", "--model.drop_rate", "0.1", "--data.img_size",
+           "16", "--data.batch_size", "3", "--trainer.callbacks+=ModelCheckpoint",
+           "--trainer.callbacks.every_n_train_steps=4", "--trainer.callbacks.save_last=true",
+           "--trainer.callbacks.save_top_k=0", "--trainer.callbacks+=record.Record", *args]
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_trains_the_rest_of_the_stream(shards, tmp_path):
+    """A run SIGKILLed in the middle of an epoch and resumed with ``--ckpt_path last`` trains on exactly the samples
+    the killed run had not yet trained on since its last checkpoint, in the same order, and ends with the weights of
+    an uninterrupted run (2 loader workers: litdata reads ahead in them, but counts only the batches handed out)."""
+    import signal
+
+    from test_resume import KILL_AT
+    _, out, _ = shards
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "record.py").write_text(RECORD)
+    (tmp_path / "b" / "kill_at.py").write_text(KILL_AT)
+    full = _stream_cli(tmp_path / "a", out, "--data.num_workers", "2")
+    # killed after step 9, in the middle of epoch 1 (steps 7-12); the last save point was step 8
+    victim = _stream_cli(tmp_path / "b", out, "--data.num_workers", "2", "--trainer.callbacks+=kill_at.KillAt",
+                         "--trainer.callbacks.step=9")
+    out_victim = victim.communicate(timeout=300)[0]
+    assert victim.returncode == -signal.SIGKILL, out_victim[-3000:]
+    (survivor,) = list((tmp_path / "b" / "runs").rglob("last.ckpt"))
+    saved = torch.load(survivor, weights_only=True)
+    assert saved["global_step"] == 8 and saved["ImageDataModule"]["batches_done"] == 2
+    killed = _records(tmp_path / "b" / "batches.jsonl")
+    (tmp_path / "b" / "batches.jsonl").unlink()
+
+    resumed = _stream_cli(tmp_path / "b", out, "--data.num_workers", "2", "--ckpt_path", "last")
+    out_resumed, out_full = resumed.communicate(timeout=300)[0], full.communicate(timeout=300)[0]
+    assert resumed.returncode == 0 and full.returncode == 0, out_resumed[-3000:] + out_full[-3000:]
+    assert "epoch 1, global step 8" in out_resumed, out_resumed[-3000:]
+    reference, after = _records(tmp_path / "a" / "batches.jsonl"), _records(tmp_path / "b" / "batches.jsonl")
+    assert [r["step"] for r in reference] == list(range(1, 19))
+    assert killed == reference[:9]  # the same stream until the kill (step 9 trained, then lost)
+    assert after == reference[8:]  # from step 9 on: what had not been trained on at the checkpoint, nothing else
+    ref, got = (torch.load(tmp_path / run / "final.pt", weights_only=True) for run in ("a", "b"))
+    assert got["step"] == ref["step"] == 18
+    for name, weight in ref["weights"].items():
+        torch.testing.assert_close(got["weights"][name], weight, rtol=0, atol=1e-6, msg=name)
+
+
+def _fit_recorded(root, run_dir, num_workers, ckpt_path=None, stop_at=None):
+    """3 epochs of 6 batches of 3 in this process, a last.ckpt every 4 steps, each trained batch recorded in
+    run_dir/batches.jsonl; ``stop_at``: stops with an exception once that many steps are done."""
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+    from record import Record
+
+    from vit.module import ImageClassifier
+
+    class Stop(Callback):
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == stop_at:
+                raise InterruptedError(f"stopped after step {stop_at}")
+
+    L.seed_everything(0, verbose=False)
+    dm = ImageDataModule("streaming", root=str(root), img_size=16, batch_size=3, num_workers=num_workers)
+    module = ImageClassifier(num_classes=3, img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    checkpoint = ModelCheckpoint(dirpath=run_dir, every_n_train_steps=4, save_last=True, save_top_k=0)
+    trainer = L.Trainer(max_epochs=3, limit_val_batches=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=run_dir,
+                        callbacks=[checkpoint, Record(), *([Stop()] if stop_at else [])])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+
+
+@pytest.mark.parametrize("workers,resume_workers", [(0, 2), (2, 1)])
+def test_resume_with_other_num_workers_trains_each_remaining_sample_once(shards, tmp_path, monkeypatch, workers,
+                                                                         resume_workers):
+    """Stopped mid-epoch (after step 9, checkpoint at step 8: 2 of epoch 1's 6 batches) and resumed with another
+    ``data.num_workers``: litdata re-plans the rest of the epoch for the new workers ("elastic" resume), so every
+    sample of epoch 1 not trained before the checkpoint comes exactly once, and epoch 2 is whole. The order may
+    legitimately differ from the uninterrupted run's (litdata's order depends on the worker count), so the weights
+    are not compared; the samples are, by a hash of the augmented image (seeded per sample and epoch)."""
+    _, out, _ = shards
+    (tmp_path / "record.py").write_text(RECORD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    runs = {name: tmp_path / name for name in ("full", "stopped")}
+    for run in runs.values():
+        run.mkdir()
+    monkeypatch.chdir(runs["full"])
+    _fit_recorded(out, runs["full"], workers)
+    monkeypatch.chdir(runs["stopped"])
+    with pytest.raises(InterruptedError):
+        _fit_recorded(out, runs["stopped"], workers, stop_at=9)
+    before = _records(runs["stopped"] / "batches.jsonl")
+    (runs["stopped"] / "batches.jsonl").unlink()
+    _fit_recorded(out, runs["stopped"], resume_workers, ckpt_path=runs["stopped"] / "last.ckpt")
+    reference, after = _records(runs["full"] / "batches.jsonl"), _records(runs["stopped"] / "batches.jsonl")
+
+    def samples(records, epoch):
+        return sorted(s for r in records if r["epoch"] == epoch for s in r["samples"])
+    assert before == reference[:9]
+    assert [r["step"] for r in after] == list(range(9, 19))
+    rest = samples(after, 1)
+    assert len(rest) == len(set(rest)) == 12  # the 4 batches of epoch 1 still to train, no sample twice
+    assert rest == samples(reference[8:12], 1)  # exactly those the uninterrupted run trained after step 8
+    assert not set(rest) & set(samples(before[6:8], 1))  # none of those trained before the checkpoint
+    assert samples(after, 2) == samples(reference, 2) and len(set(samples(after, 2))) == 18  # the next epoch whole

@@ -118,6 +118,8 @@ class ImageDataModule(L.LightningDataModule):
         self.on_bad_image = on_bad_image
         self.skipped_images: list[tuple[str, str]] = []  # (path, reason) left out by the folder scan
         self._resume_at: tuple[int, int] | None = None  # (epoch, batches done) from a resumed checkpoint
+        self._train_stream = None  # litdata's training loader, whose position is saved with ours
+        self._stream_state: dict | None = None  # that position from a resumed checkpoint, until the loader exists
         self.augment, self.hflip, self.crop_scale = augment, hflip, tuple(crop_scale)
         self.color_jitter, self.random_erasing, self.crop_pct = color_jitter, random_erasing, crop_pct
         default_mean, default_std = _STATS.get(dataset, (IMAGENET_MEAN, IMAGENET_STD))
@@ -298,7 +300,11 @@ class ImageDataModule(L.LightningDataModule):
     # ---- loaders ---------------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
         if hasattr(dataset, "loader"):  # streamed sources (hf.py, streaming.py) order and shard themselves
-            return dataset.loader(self.batch_size, self.num_workers, drop_last=drop_last)
+            loader = dataset.loader(self.batch_size, self.num_workers, drop_last=drop_last)
+            if shuffle and hasattr(loader, "load_state_dict"):  # litdata's: it can resume mid-epoch
+                self._train_stream = loader
+                self._restore_stream()
+            return loader
         # Shuffle order and augmentation are functions of (seed, epoch, position): reproducible with any number
         # of workers, and a resumed run continues exactly where the checkpoint left off (see sampling.py).
         # The training sampler splits the data between processes itself, so a resume skips what each process
@@ -333,11 +339,30 @@ class ImageDataModule(L.LightningDataModule):
         epoch = trainer.current_epoch
         if done >= trainer.num_training_batches:  # saved at the end of an epoch: the next one starts afresh
             epoch, done = epoch + 1, 0
-        return {"epoch": int(epoch), "batches_done": int(done)}
+        state = {"epoch": int(epoch), "batches_done": int(done)}
+        loader = self._train_stream
+        if loader is not None:
+            # litdata counts the samples its loader has handed out; Lightning does not fetch ahead of a loader with
+            # a length, so they are exactly the trained ones (worker read-ahead is not counted). Between epochs only
+            # its epoch counter: an epoch cut short by limit_train_batches must not be resumed as one under way.
+            state["stream"] = loader.state_dict() if done else {"current_epoch": loader.current_epoch}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if state:
             self._resume_at = (int(state["epoch"]), int(state["batches_done"]))
+            self._stream_state = state.get("stream")
+            self._restore_stream()
+
+    def _restore_stream(self) -> None:
+        """Hands a resumed checkpoint's litdata position to the training loader, whichever of the two comes first.
+        Lightning builds the loader before restoring its own loop state when ``configure_optimizers`` reads
+        ``estimated_stepping_batches``, and then never gives the loader the state Lightning saved for it."""
+        if self._train_stream is None or self._stream_state is None:
+            return
+        # mid-epoch, litdata re-plans the rest of the epoch for another num_workers itself (see streaming.py)
+        self._train_stream.load_state_dict(self._stream_state)
+        self._stream_state = None
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True, drop_last=self.drop_last)

@@ -19,7 +19,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from litdata import StreamingDataLoader, StreamingDataset
@@ -193,8 +193,38 @@ class ShardDataset(StreamingDataset):
         except (AttributeError, IndexError, TypeError):
             return "?"
 
-    def loader(self, batch_size: int, num_workers: int, drop_last: bool = False) -> StreamingDataLoader:
-        """litdata's loader: it tells the dataset the epoch and, with Lightning, can save its position."""
-        # drop_last is litdata's own (equal shares per process), not the DataLoader's: left to litdata
-        return StreamingDataLoader(self, batch_size=batch_size, num_workers=num_workers,
-                                   pin_memory=torch.cuda.is_available())
+    def loader(self, batch_size: int, num_workers: int, drop_last: bool = False) -> ShardLoader:
+        """litdata's loader: it tells the dataset the epoch and saves and restores its position in it."""
+        # drop_last is litdata's own (equal shares per process), not the DataLoader's: left to litdata.
+        # Own generator: creating an epoch's iterator must not draw from the global RNG (dropout's), or a run resumed
+        # mid-epoch, which creates it after restoring the RNG states, would diverge (litdata shuffles by seed itself)
+        return ShardLoader(self, batch_size=batch_size, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                           generator=torch.Generator().manual_seed(self.seed))
+
+
+class ShardLoader(StreamingDataLoader):
+    """litdata's ``StreamingDataLoader``, resumed by ``ImageDataModule`` from the state it saved with its own.
+
+    ``load_state_dict`` takes either litdata's mid-epoch state or, between epochs, ``{"current_epoch": n}`` alone;
+    it acts once: Lightning gives the loader its own copy as well when it builds the loader after restoring the
+    checkpoint, and litdata would count worker turns twice. litdata clears ``restore`` only when the resumed epoch's
+    iterator runs out, but Lightning stops asking after the loader's length of batches, so the next epoch would
+    resume the same position again; ``restore`` is read only when an iteration starts (and its workers' first
+    requests), so it is cleared once that iteration has handed out a batch.
+    """
+
+    _resumed = False
+
+    def load_state_dict(self, obj: dict[str, Any]) -> None:
+        if self._resumed:
+            return
+        self._resumed = True
+        if "dataset" in obj:
+            super().load_state_dict(obj)
+        else:
+            self.current_epoch = obj["current_epoch"]
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in super().__iter__():
+            self.restore = False
+            yield batch
