@@ -101,6 +101,7 @@ def plot(rows: list[dict], path: Path, data: str) -> Path | None:
                     xytext=(0, 6), ha="center", fontsize=8)
     ax.set_xscale("log")
     ax.set_xticks([r["minutes"] for r in rows], [f"{r['minutes']:g}" for r in rows])
+    ax.set_xticks([], minor=True)
     ax.set_xlabel("time budget (minutes, log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"configs/small_data.yaml from scratch on {Path(data).name}", fontsize=9)
