@@ -9,16 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import QUICK
 from vit.data import ImageDataModule
 from vit.data.images import BadImageError
 
 datasets = pytest.importorskip("datasets")
 
 CLASSES = ["cat", "dog", "bird"]
-QUICK = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
-         "--trainer.limit_test_batches", "2", "--trainer.enable_progress_bar", "false", "--model.arch", "null",
-         "--model.embed_dim", "32", "--model.depth", "1", "--model.num_heads", "2", "--model.patch_size", "8",
-         "--data.img_size", "16", "--data.batch_size", "4", "--data.num_workers", "0"]
 
 
 @pytest.fixture(autouse=True)

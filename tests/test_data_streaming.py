@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import write_image_folder
+from conftest import QUICK, write_image_folder
 from vit.data import ImageDataModule
 from vit.data.images import BadImageError
 
@@ -20,10 +20,6 @@ from vit.data.convert import convert, main  # noqa: E402
 from vit.data.streaming import ShardError  # noqa: E402
 
 CLASSES = ["ant", "bee", "cow"]
-QUICK = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
-         "--trainer.limit_test_batches", "2", "--trainer.enable_progress_bar", "false", "--model.arch", "null",
-         "--model.embed_dim", "32", "--model.depth", "1", "--model.num_heads", "2", "--model.patch_size", "8",
-         "--data.img_size", "16", "--data.batch_size", "4", "--data.num_workers", "0"]
 
 
 @pytest.fixture(autouse=True)
