@@ -1,4 +1,4 @@
-from vit.cli import main
+from vit.training.cli import main
 
 if __name__ == "__main__":
     main()

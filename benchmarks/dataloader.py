@@ -14,7 +14,7 @@ one worker (the main process, one thread for torch and OpenCV, as a DataLoader w
 Pipelines run A/B interleaved; each row is the median img/s of ``--repeats`` passes over the folder.
 The sources table reads the same 32 px JPEGs, through our train pipeline and one worker, from: the image folder,
 the image folder with ``data.cache`` (decoded once into memory), litdata chunks written by
-``python -m vit.data.convert`` (``data.dataset: streaming``) and a parquet file (``data.dataset: hf``). Its
+``vit shards`` (``data.dataset: streaming``) and a parquet file (``data.dataset: hf``). Its
 first pass includes what ``setup`` does once (scanning, decoding the cache, reading the chunk index, converting
 the parquet file into the ``datasets`` cache); the later passes are the median of ``--repeats``.
 The last table compares the 32 px train pipeline with the training-step img/s of the default
@@ -91,8 +91,7 @@ def albumentations_pipelines(img_size: int, crop_pct: float):
 
 
 def torchvision_pipelines(img_size: int, crop_pct: float):
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import v2
+    from torchvision.transforms import InterpolationMode, v2
     bicubic = InterpolationMode.BICUBIC
     norm = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
     train = v2.Compose([v2.RandomResizedCrop(img_size, scale=(0.08, 1.0), interpolation=bicubic, antialias=True),
@@ -157,7 +156,7 @@ def write_sources(root: Path, samples: list[tuple[str, int]], val: list[tuple[st
 
     import datasets
 
-    from vit.data.convert import convert
+    from vit.data.shards import convert
     folder = root / "folder"
     for split, items in (("train", samples), ("val", val)):
         for path, label in items:
@@ -214,7 +213,7 @@ def model_train_ips(batch: int, repeats: int, threads: int) -> float:
     """Training-step img/s of the default digits/CIFAR-size model at 32 px (forward, backward, AdamW)."""
     import torch.nn.functional as F
 
-    from vit.model import VisionTransformer
+    from vit.models.vision import VisionTransformer
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

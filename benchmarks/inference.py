@@ -6,7 +6,7 @@
 
 Contenders, all in one process and timed round-robin (timm, ours, compile, ..., timm, ours, ...), so machine noise
 hits them alike: timm eager fp32 (the baseline), ours eager fp32, and ours through each backend of
-``vit.inference`` (compile, onnxruntime) in fp32 and int8 (eager = torch.ao dynamic int8 linear layers,
+``vit.deploy.runners`` (compile, onnxruntime) in fp32 and int8 (eager = torch.ao dynamic int8 linear layers,
 onnxruntime = its dynamic int8 MatMuls). img/s is the median of ``--repeats`` timed batches after ``--warmup``
 untimed ones; ``build s`` is the one-time cost (quantisation, ONNX export, compilation) including the first batch.
 
@@ -40,8 +40,8 @@ import timm  # noqa: E402
 from throughput import PeakMemory, _device_name, build_pair  # noqa: E402
 
 from vit.data.transforms import eval_transform  # noqa: E402
-from vit.inference import BackendError, create_runner, onnx_session, top1_agreement  # noqa: E402
-from vit.model import VisionTransformer  # noqa: E402
+from vit.deploy.runners import BackendError, create_runner, onnx_session, top1_agreement  # noqa: E402
+from vit.models.vision import VisionTransformer  # noqa: E402
 
 DEFAULT_MODELS = "vit_tiny_patch16_224,vit_small_patch16_224"
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_small.tgz"

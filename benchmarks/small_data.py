@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from train_loop import CIFAR, image_folder  # noqa: E402
 
 RESULT = re.compile(r"test accuracy: (?P<acc>[0-9.]+) on (?P<n>\d+) held-out")
-TINY = ["--model.embed_dim", "32", "--model.depth", "1", "--model.num_heads", "2", "--data.batch_size", "16",
+TINY = ["--model.backbone.embed_dim", "32", "--model.backbone.depth", "1", "--model.backbone.num_heads", "2", "--data.batch_size", "16",
         "--data.num_workers", "0"]
 
 
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--tiny", action="store_true", help="20-second budgets, tiny model, synthetic images")
     parser.add_argument("--collect", action="store_true",
                         help="train nothing: the table and curve of the runs already under --out")
-    args, extra = parser.parse_known_args(argv)  # anything else goes to train.py (e.g. --model.embed_dim 128)
+    args, extra = parser.parse_known_args(argv)  # anything else goes to train.py (e.g. --model.backbone.embed_dim 128)
     if args.tiny:
         args.minutes, extra = [1 / 3], TINY + extra
     args.out.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import timm  # noqa: E402
 
 import vit  # noqa: E402
-from vit.model import VisionTransformer  # noqa: E402
+from vit.models.vision import VisionTransformer  # noqa: E402
 
 DEFAULT_MODELS = "vit_tiny_patch16_224,vit_small_patch16_224,vit_base_patch16_224"
 # A tiny architecture for smoke runs: no registry name, built from keyword arguments on both sides.

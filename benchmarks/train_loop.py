@@ -7,7 +7,7 @@
 Each run trains ``--steps`` optimizer steps at batch ``--batch`` and reports training img/s over the steps
 after ``--skip`` warm-up steps (data loading waits included: wall time between the ends of those steps).
 
-* ours: ``vit.cli`` (LightningCLI, ImageClassifier, ImageDataModule, our callbacks and loggers), the small-data
+* ours: ``vit.training.cli`` (LightningCLI, ImageClassifier, ImageDataModule, our callbacks and loggers), the small-data
   architecture with the plain patch embedding and attention (so both sides run the same model);
 * ours + cache: the same with ``data.cache: true`` (images decoded once into memory);
 * timm loop: ``timm.data.create_dataset`` / ``create_loader`` (its RandomResizedCrop, flip, colour jitter,
@@ -45,8 +45,8 @@ def image_folder(workdir: Path, tiny: bool) -> Path:
         if not (root / "val").exists() and (root / "test").exists():
             (root / "val").symlink_to(root / "test")
         return root
-    from PIL import Image
     import numpy as np
+    from PIL import Image
     rng = np.random.default_rng(0)
     for split, count in (("train", 16 if tiny else 200), ("val", 4 if tiny else 40)):
         for c in range(4):
@@ -76,7 +76,7 @@ class StepClock:
 def run_ours(root: Path, args, cache: bool, workdir: Path) -> float:
     import lightning as L
 
-    from vit.cli import cli
+    from vit.training.cli import cli
     clock = StepClock(args.skip)
 
     class Tick(L.Callback):
@@ -86,15 +86,15 @@ def run_ours(root: Path, args, cache: bool, workdir: Path) -> float:
     arch = TINY_ARCH if args.tiny else ARCH
     app = cli(["--config", str(Path(__file__).resolve().parents[1] / "configs" / "small_data.yaml"),
                "--data.root", str(root), "--data.batch_size", str(args.batch), "--data.num_workers", str(args.workers),
-               "--data.cache", str(cache).lower(), "--model.embed_layer", "conv", "--model.attn_layer", "mha",
+               "--data.cache", str(cache).lower(), "--model.backbone.embed_layer", "conv", "--model.backbone.attn_layer", "mha",
                "--model.schedule", "epochs", "--trainer.max_epochs", "1000", "--trainer.max_time", "null",
                "--trainer.max_steps", str(args.steps), "--trainer.limit_val_batches", "0",
                "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
                "--trainer.default_root_dir", str(workdir / "runs"), "--trainer.accelerator", "cpu",
                # the timm loop's settings, whatever the recipe's are: both sides do the same work per image
-               "--data.crop_scale", "[0.35, 1.0]", "--data.color_jitter", "0.2", "--model.drop_path_rate", "0.1",
+               "--data.crop_scale", "[0.35, 1.0]", "--data.color_jitter", "0.2", "--model.backbone.drop_path_rate", "0.1",
                "--model.lr", "0.001", "--model.weight_decay", "0.05", "--model.label_smoothing", "0.1",
-               *[f"--model.{k}={v}" for k, v in arch.items()]], run=False)
+               *[f"--model.backbone.{k}={v}" for k, v in arch.items()]], run=False)
     app.trainer.callbacks.append(Tick())
     app.trainer.fit(app.model, datamodule=app.datamodule)
     return clock.images_per_second(args.batch)

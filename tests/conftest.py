@@ -20,8 +20,9 @@ def _private_cache_dir(tmp_path_factory):
 
 # CLI flags for a seconds-long fit/test of a tiny model on 16 px images (data sources' end-to-end tests)
 QUICK = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
-         "--trainer.limit_test_batches", "2", "--trainer.enable_progress_bar", "false", "--model.arch", "null",
-         "--model.embed_dim", "32", "--model.depth", "1", "--model.num_heads", "2", "--model.patch_size", "8",
+         "--trainer.limit_test_batches", "2", "--trainer.enable_progress_bar", "false",
+         "--model.backbone.arch", "null", "--model.backbone.embed_dim", "32", "--model.backbone.depth", "1",
+         "--model.backbone.num_heads", "2", "--model.backbone.patch_size", "8",
          "--data.img_size", "16", "--data.batch_size", "4", "--data.num_workers", "0"]
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)

@@ -4,11 +4,11 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import write_image_folder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import write_image_folder
 from vit.data import ImageDataModule, load_image
 from vit.data.folder import FileDataset
 from vit.data.images import BadImageError, check_image
@@ -86,15 +86,15 @@ def test_error_mode_names_the_file_and_reason(tmp_path):
 
 
 def test_skip_list_written_to_run_directory(tmp_path, monkeypatch):
-    from vit.cli import DEFAULT_CONFIG, main
+    from vit.training.cli import DEFAULT_CONFIG, main
     root = messy_folder(tmp_path / "images")
     monkeypatch.chdir(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         main(["fit", "--config", str(DEFAULT_CONFIG.parent / "imagefolder.yaml"), "--data.root", str(root),
               "--data.batch_size", "8", "--data.num_workers", "0", "--trainer.max_epochs", "1",
-              "--trainer.enable_progress_bar", "false", "--model.arch", "null", "--model.embed_dim", "32",
-              "--model.depth", "1", "--model.num_heads", "2", "--model.patch_size", "8", "--data.img_size", "16"])
+              "--trainer.enable_progress_bar", "false", "--model.backbone.arch", "null", "--model.backbone.embed_dim", "32",
+              "--model.backbone.depth", "1", "--model.backbone.num_heads", "2", "--model.backbone.patch_size", "8", "--data.img_size", "16"])
     log = next((tmp_path / "runs").rglob("skipped_images.tsv")).read_text(encoding="utf-8").splitlines()
     assert len(log) == 5 and all("\t" in line for line in log)
 

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 import vit
 from vit.checkpoints import architecture_of, detect_format, hf
+from vit.tasks.backbone import Backbone
 
 TOL = 1e-4
 SMALL = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
@@ -94,15 +95,15 @@ def test_lightning_checkpoint(tmp_path):
     model = vit.load_pretrained(tmp_path / "last.ckpt")  # heads come from the hyper-parameters
     _close(model, reference, _x())
     assert model.pretrained_cfg["class_names"] == names
-    # evaluated as the run evaluated: its normalisation and crop (vit.predict, vit.embed read these)
+    # evaluated as the run evaluated: its normalisation and crop (vit.deploy.predict, vit.commands.embed read these)
     assert (model.pretrained_cfg["mean"], model.pretrained_cfg["crop_pct"]) == ([0.3] * 3, 1.0)
 
 
 def test_lightning_checkpoint_of_a_module_with_the_default_heads(tmp_path):
-    from vit.module import ImageClassifier
+    from vit.tasks.classification import ImageClassifier
     torch.manual_seed(0)
     # neither arch nor num_heads given: the default architecture's 12 heads, which width 96 does not tell
-    module = ImageClassifier(num_classes=10, img_size=32, patch_size=8, embed_dim=96, depth=1)
+    module = ImageClassifier(Backbone(img_size=32, patch_size=8, embed_dim=96, depth=1), num_classes=10)
     randomize_(module.model)
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, tmp_path / "run.ckpt")
     model = vit.load_pretrained(tmp_path / "run.ckpt").eval()

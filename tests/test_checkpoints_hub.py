@@ -13,7 +13,7 @@ from conftest import assert_matches_reference, randomize_
 from safetensors.torch import save_file
 
 import vit
-from vit.convert import main
+from vit.commands.convert import main
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
 REPO = "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"
@@ -102,7 +102,7 @@ def test_missing_cache_says_which_file_and_how_to_pass_a_path(offline_cache):
         vit.load_pretrained("hf-hub:no-slash")
 
 
-# ---- python -m vit.convert -----------------------------------------------------------------------------------
+# ---- vit convert -----------------------------------------------------------------------------------
 def _sources(tmp_path):
     """One file per source library, and the options each needs."""
     from torchvision.models.vision_transformer import VisionTransformer as TorchvisionViT
@@ -142,16 +142,16 @@ def test_cli_converts_each_source(tmp_path, capsys):
     assert "number of attention heads" in err and "--num-heads N" in err
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # runpy: vit.convert is already imported
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # runpy: vit.commands.convert is already imported
 def test_cli_error_is_one_line_and_exit_code_2(tmp_path, capsys, monkeypatch):
     (tmp_path / "junk.pth").write_bytes(b"junk" * 10)
     assert main([str(tmp_path / "junk.pth"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "junk.pth" in err and "\n" not in err
-    # `python -m vit.convert`, run in-process (a subprocess would pay the imports again)
-    monkeypatch.setattr(sys, "argv", ["vit.convert", str(tmp_path / "missing.pth"), str(tmp_path / "o")])
+    # `python -m vit convert`, run in-process (a subprocess would pay the imports again)
+    monkeypatch.setattr(sys, "argv", ["vit", "convert", str(tmp_path / "missing.pth"), str(tmp_path / "o")])
     with pytest.raises(SystemExit) as info:
-        runpy.run_module("vit.convert", run_name="__main__")
+        runpy.run_module("vit", run_name="__main__")
     assert info.value.code == 2 and "no such file" in capsys.readouterr().err
 
 

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 import vit
 from vit import CheckpointError
+from vit.tasks.backbone import Backbone
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=4)
 
@@ -64,10 +65,10 @@ def lightning_ckpt(tmp_path_factory):
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
-    from vit.module import ImageClassifier
+    from vit.tasks.classification import ImageClassifier
     root = tmp_path_factory.mktemp("lightning")
     torch.manual_seed(0)
-    module = ImageClassifier(num_classes=4, img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    module = ImageClassifier(Backbone(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2), num_classes=4)
     data = DataLoader(TensorDataset(torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))), batch_size=4)
     trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
@@ -102,12 +103,12 @@ def test_lightning_checkpoint_with_a_payload_is_refused_by_load_pretrained(light
 
 
 def test_lightning_checkpoint_with_a_payload_is_refused_by_train_py(lightning_ckpt, tmp_path, monkeypatch, capsys):
-    from vit.cli import DEFAULT_CONFIG, main
+    from vit.training.cli import DEFAULT_CONFIG, main
     path, marker = _poisoned(lightning_ckpt, tmp_path)
     monkeypatch.chdir(tmp_path)  # runs/ goes here
     args = ["fit", "--config", str(DEFAULT_CONFIG), "--trainer.max_epochs", "1", "--trainer.limit_train_batches",
             "1", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
-            "--trainer.accelerator", "cpu", "--model.embed_dim", "32", "--model.depth", "1", "--model.num_heads", "2",
+            "--trainer.accelerator", "cpu", "--model.backbone.embed_dim", "32", "--model.backbone.depth", "1", "--model.backbone.num_heads", "2",
             "--data.img_size", "16", "--ckpt_path", str(path)]
     # Two locks, each enough: LightningCLI reads the checkpoint's hyper-parameters with weights_only=True before
     # building anything, and our CLI hands Trainer.fit weights_only=True.
@@ -121,7 +122,7 @@ def test_lightning_checkpoint_with_a_payload_is_refused_by_train_py(lightning_ck
 
 def test_lightning_checkpoint_with_a_payload_is_refused_by_load_from_checkpoint(lightning_ckpt, tmp_path,
                                                                                 monkeypatch):
-    from vit.module import ImageClassifier
+    from vit.tasks.classification import ImageClassifier
     assert ImageClassifier.load_from_checkpoint(lightning_ckpt).model.num_classes == 4  # control
     path, marker = _poisoned(lightning_ckpt, tmp_path)
     # refused by our default, not only by torch's (which this switches off)

@@ -6,17 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from vit.cli import DEFAULT_CONFIG, cli, main
+from vit.training.cli import DEFAULT_CONFIG, cli, main
 
 QUICK = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
-         "--trainer.limit_test_batches", "2", "--trainer.enable_progress_bar", "false", "--model.embed_dim", "32",
-         "--model.depth", "1", "--model.num_heads", "2", "--data.img_size", "16"]
+         "--trainer.limit_test_batches", "2", "--trainer.enable_progress_bar", "false", "--model.backbone.embed_dim", "32",
+         "--model.backbone.depth", "1", "--model.backbone.num_heads", "2", "--data.img_size", "16"]
 
 
 def test_overrides_reach_model_and_data(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    app = cli(["--config", str(DEFAULT_CONFIG), "--trainer.max_epochs", "5", "--model.embed_dim", "48",
-               "--model.num_heads", "3", "--data.img_size", "24", "--data.batch_size", "16"], run=False)
+    app = cli(["--config", str(DEFAULT_CONFIG), "--trainer.max_epochs", "5", "--model.backbone.embed_dim", "48",
+               "--model.backbone.num_heads", "3", "--data.img_size", "24", "--data.batch_size", "16"], run=False)
     assert app.trainer.max_epochs == 5
     assert app.model.model.embed_dim == 48 and app.model.model.img_size == (24, 24)
     assert app.datamodule.batch_size == 16
@@ -41,17 +41,53 @@ def test_image_folder_trains_end_to_end(tmp_path, monkeypatch, image_folder):
           "--data.batch_size", "8", *QUICK])
     ckpts = list((tmp_path / "runs").rglob("*.ckpt"))
     assert ckpts
-    from vit.module import ImageClassifier
+    from vit.tasks.classification import ImageClassifier
     restored = ImageClassifier.load_from_checkpoint(ckpts[0], weights_only=True)
     assert restored.class_names == ["cat", "dog"]
 
 
 def test_bad_config_value_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises((SystemExit, ValueError)) as err:
+    with pytest.raises(SystemExit) as err:
         main(["fit", "--config", str(DEFAULT_CONFIG), "--data.dataset", "mnist"])
-    message = str(err.value) + capsys.readouterr().err
-    assert "data.dataset" in message
+    assert err.value.code == 2
+    message = capsys.readouterr().err
+    assert "data.dataset" in message and "mnist" in message and "Traceback" not in message
+
+
+@pytest.mark.parametrize("where", ["command line", "config file"])
+def test_flat_architecture_keys_of_old_recipes_name_their_new_place(where, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    if where == "command line":
+        args = ["fit", "--config", str(DEFAULT_CONFIG), "--model.embed_dim", "64", "--model.pretrained=x.pth"]
+    else:
+        recipe = tmp_path / "old.yaml"
+        recipe.write_text("model:\n  arch: vit_tiny_patch16_224\n  depth: 2\n  lr: 0.001\n")
+        args = ["fit", "--config", str(DEFAULT_CONFIG), "--config", str(recipe)]
+    with pytest.raises(SystemExit) as err:
+        main(args)
+    assert err.value.code == 2
+    message = capsys.readouterr().err
+    assert "Traceback" not in message and len(message.strip().splitlines()) == 1
+    if where == "command line":
+        assert "model.embed_dim moved to model.backbone.embed_dim (on the command line)" in message
+        assert "model.pretrained moved to model.backbone.pretrained" in message
+    else:
+        assert "model.arch moved to model.backbone.arch (in " in message and "old.yaml" in message
+        assert "model.depth moved to model.backbone.depth" in message and "model.lr" not in message
+
+
+def test_backbone_keys_reach_the_model_from_the_command_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    from vit.training.cli import cli
+    app = cli(["--config", str(DEFAULT_CONFIG), "--model.backbone.arch", "vit_tiny_patch16_224",
+               "--model.backbone.patch_size", "8", "--model.backbone.depth", "1", "--model.backbone.freeze",
+               "backbone", "--data.img_size", "32"], run=False)
+    model = app.model.model
+    # digits.yaml sets embed_dim 128 over the arch's 192: explicit overrides win, the command line over both
+    assert model.embed_dim == 128 and len(model.blocks) == 1 and model.img_size == (32, 32)
+    assert model.num_classes == 10  # linked from the data
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}
 
 
 def test_default_root_dir_holds_the_whole_run_and_its_resume(tmp_path, monkeypatch, capsys):
@@ -84,7 +120,7 @@ def test_default_root_dir_holds_the_whole_run_and_its_resume(tmp_path, monkeypat
 def test_precision_auto_is_bf16_only_where_the_hardware_runs_it_natively(monkeypatch):
     import torch
 
-    from vit.cli import resolve_precision
+    from vit.training.cli import resolve_precision
 
     def hardware(cuda=False, cuda_bf16=False, avx512_bf16=False, amx=False):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
@@ -121,8 +157,8 @@ def test_recipes_use_precision_auto_and_run_fp32_on_a_cpu_without_native_bf16(re
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     app = cli(["--config", str(path), "--data.dataset", "imagefolder", "--data.root", str(image_folder),
-               "--data.img_size", "32", "--model.arch", "null", "--model.patch_size", "8", "--model.embed_dim", "32",
-               "--model.depth", "1", "--model.num_heads", "2", "--model.freeze", "none"], run=False)
+               "--data.img_size", "32", "--model.backbone.arch", "null", "--model.backbone.patch_size", "8", "--model.backbone.embed_dim", "32",
+               "--model.backbone.depth", "1", "--model.backbone.num_heads", "2", "--model.backbone.freeze", "none"], run=False)
     assert app.trainer.precision == "32-true"
     assert capsys.readouterr().out.count("precision auto -> 32-true") == 1  # said once, at the start
     assert app.config["trainer"]["precision"] == "auto"  # config.yaml keeps "auto": a rerun resolves again
@@ -152,7 +188,8 @@ DDP_SCRIPT = textwrap.dedent("""
     from torch.utils.data import Dataset
     from vit.data import ImageDataModule
     from vit.data.sampling import split_index
-    from vit.module import ImageClassifier
+    from vit.tasks.backbone import Backbone
+    from vit.tasks.classification import ImageClassifier
 
     class Seen(Dataset):
         # the training split, noting which of its samples this process loads (num_workers=0: in this process)
@@ -200,12 +237,12 @@ DDP_SCRIPT = textwrap.dedent("""
     if __name__ == "__main__":
         L.seed_everything(0)
         torch.save(torch.cat([p.detach().flatten() for p in ImageClassifier(
-            num_classes=10, img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2).parameters()]),
+            Backbone(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2), num_classes=10).parameters()]),
             os.path.join(sys.argv[1], "weights_init.pt"))
         L.seed_everything(0)
         # a whole epoch (1,258 training digits, 629 per rank = 10 batches of 64), so coverage can be checked
         dm = Data("digits", img_size=16, batch_size=64)
-        module = ImageClassifier(num_classes=10, img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+        module = ImageClassifier(Backbone(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2), num_classes=10)
         trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_val_batches=3,
                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, callbacks=[Record()])
@@ -250,7 +287,7 @@ def test_ddp_two_cpu_processes_train_in_sync(tmp_path):
 
 def test_value_ranges_are_checked_while_parsing_shown_in_help_and_stored_as_plain_numbers(tmp_path, monkeypatch,
                                                                                         capsys):
-    from vit.cli import DEFAULT_CONFIG, cli
+    from vit.training.cli import DEFAULT_CONFIG, cli
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit):
         cli(["fit", "--help"])
@@ -265,12 +302,13 @@ def test_value_ranges_are_checked_while_parsing_shown_in_help_and_stored_as_plai
 
 def test_small_data_recipe_trains_to_its_time_budget_and_tests_the_final_weights(tmp_path, monkeypatch, capsys):
     from conftest import write_image_folder
-    from vit.cli import DEFAULT_CONFIG, main
+
+    from vit.training.cli import DEFAULT_CONFIG, main
     images = write_image_folder(tmp_path / "images", classes=("cat", "dog", "fox"), per_class=6, size=32)
     monkeypatch.chdir(tmp_path)
     app = main(["--config", str(DEFAULT_CONFIG.parent / "small_data.yaml"), "--data.root", str(images),
-                "--trainer.max_time", "00:00:00:08", "--model.embed_dim", "32", "--model.depth", "1",
-                "--model.num_heads", "2", "--data.batch_size", "8", "--data.num_workers", "0",
+                "--trainer.max_time", "00:00:00:08", "--model.backbone.embed_dim", "32", "--model.backbone.depth", "1",
+                "--model.backbone.num_heads", "2", "--data.batch_size", "8", "--data.num_workers", "0",
                 "--trainer.enable_progress_bar", "false"])
     model = app.model.model
     assert (model.config.embed_layer, model.config.attn_layer, app.model.hparams.schedule) == ("spt", "lsa", "budget")

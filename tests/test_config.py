@@ -1,12 +1,14 @@
 """ViTConfig: one description of an architecture that the model, registry, module and checkpoints all speak."""
+import dataclasses
 import inspect
 
 import pytest
 import torch
 
 import vit
-from vit.config import TRAINING_FIELDS, ViTConfig, field_names
-from vit.module import ARCH_KEYS, ImageClassifier
+from vit.models.config import TRAINING_FIELDS, ViTConfig, field_names
+from vit.tasks.backbone import OVERRIDE_FIELDS, Backbone
+from vit.tasks.classification import ImageClassifier
 
 
 def test_model_is_built_from_a_config_and_keyword_fields_override_it():
@@ -18,7 +20,7 @@ def test_model_is_built_from_a_config_and_keyword_fields_override_it():
 
 
 def test_registry_is_a_table_of_configs_and_create_model_applies_overrides():
-    config = vit.registry.model_config("vit_small_patch16_224")
+    config = vit.models.registry.model_config("vit_small_patch16_224")
     assert isinstance(config, ViTConfig) and (config.embed_dim, config.depth, config.num_heads) == (384, 12, 6)
     model = vit.create_model("vit_small_patch16_224", num_classes=7, depth=1)
     assert model.config == config.replace(num_classes=7, depth=1, fc_norm=False)
@@ -49,11 +51,13 @@ def test_reset_classifier_keeps_the_config_true():
     assert vit.VisionTransformer(model.config).state_dict().keys() == model.state_dict().keys()
 
 
-def test_image_classifier_takes_every_architecture_field():
-    params = inspect.signature(ImageClassifier.__init__).parameters
-    left_out = set(field_names()) - set(params)
-    assert left_out == {"distilled"}, f"ViTConfig fields ImageClassifier does not take: {left_out}"
-    assert set(ARCH_KEYS) == set(field_names()) - {"distilled", "num_classes"}
-    module = ImageClassifier(arch="vit_tiny_patch16_224", num_classes=3, img_size=32, depth=1, norm_eps=1e-5)
+def test_backbone_takes_every_architecture_field():
+    fields = {f.name for f in dataclasses.fields(Backbone)}
+    left_out = set(field_names()) - fields
+    assert left_out == {"distilled", "num_classes"}, f"ViTConfig fields Backbone does not take: {left_out}"
+    assert set(OVERRIDE_FIELDS) == set(field_names()) - {"distilled", "num_classes"}
+    assert "num_classes" in inspect.signature(ImageClassifier.__init__).parameters  # the head is the task's
+    module = ImageClassifier(Backbone(arch="vit_tiny_patch16_224", img_size=32, depth=1, norm_eps=1e-5),
+                             num_classes=3)
     assert module.model.config.norm_eps == 1e-5 and module.model.config.embed_dim == 192
     assert module.model(torch.zeros(1, 3, 32, 32)).shape == (1, 3)

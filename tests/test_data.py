@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 import torch
+from conftest import write_image_folder
 from PIL import Image
 
 from vit.data import ImageDataModule, eval_transform, load_image, train_transform
-from conftest import write_image_folder
 
 
 def test_digits_split_is_fixed_seeded_and_disjoint():
@@ -149,9 +149,10 @@ def test_epoch_sampler_splits_between_processes_and_resumes_each_share(n, world)
 
 
 def test_cache_decodes_each_image_once_and_gives_the_same_batches(tmp_path, monkeypatch):
+    from conftest import write_image_folder
+
     import vit.data.cache as cache_module
     import vit.data.folder as folder
-    from conftest import write_image_folder
     root = write_image_folder(tmp_path / "images", classes=("cat", "dog"), per_class=6)
     decoded = []
     real = load_image
@@ -262,7 +263,8 @@ import hashlib, json, os, sys, warnings
 import lightning as L
 import vit.data.cache as cache_module
 from vit.data import ImageDataModule
-from vit.module import ImageClassifier
+from vit.tasks.backbone import Backbone
+from vit.tasks.classification import ImageClassifier
 
 decoded = []  # every image this process decoded for the cache
 real = cache_module.load_image
@@ -284,8 +286,8 @@ class Record(L.Callback):
 if __name__ == "__main__":
     warnings.simplefilter("ignore")
     dm = ImageDataModule("imagefolder", root=sys.argv[2], img_size=16, batch_size=4, cache=True)
-    module = ImageClassifier(num_classes=dm.num_classes, img_size=16, patch_size=8, embed_dim=32, depth=1,
-                             num_heads=2)
+    module = ImageClassifier(Backbone(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2),
+                             num_classes=dm.num_classes)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2, limit_val_batches=1,
                         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=sys.argv[1], callbacks=[Record()])

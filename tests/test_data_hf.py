@@ -7,11 +7,12 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import QUICK
 from PIL import Image
 
-from conftest import QUICK
 from vit.data import ImageDataModule
 from vit.data.images import BadImageError
+from vit.tasks.backbone import Backbone
 
 datasets = pytest.importorskip("datasets")
 
@@ -222,10 +223,10 @@ def test_streaming_shards_between_processes_in_equal_shares(saved):
 
 @pytest.mark.parametrize("streaming", [False, True])
 def test_trains_a_few_steps_with_a_trainer(saved, streaming, tmp_path):
-    from vit.module import ImageClassifier
+    from vit.tasks.classification import ImageClassifier
     dm = ImageDataModule("hf", root=str(saved), img_size=16, batch_size=4, streaming=streaming)
-    module = ImageClassifier(num_classes=dm.num_classes, class_names=dm.class_names, img_size=16, patch_size=8,
-                             embed_dim=32, depth=1, num_heads=2)
+    module = ImageClassifier(Backbone(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2),
+                             num_classes=dm.num_classes, class_names=dm.class_names)
     trainer = L.Trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=2, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=tmp_path)
@@ -238,8 +239,8 @@ def test_trains_a_few_steps_with_a_trainer(saved, streaming, tmp_path):
 
 
 def test_cli_fit_from_a_parquet_folder(parquet, tmp_path, monkeypatch):
-    from vit.cli import DEFAULT_CONFIG, main
-    from vit.module import ImageClassifier
+    from vit.tasks.classification import ImageClassifier
+    from vit.training.cli import DEFAULT_CONFIG, main
     monkeypatch.chdir(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -1,4 +1,4 @@
-"""litdata shards (``data.dataset: streaming``): ``python -m vit.data.convert`` on small image folders, then
+"""litdata shards (``data.dataset: streaming``): ``vit shards`` on small image folders, then
 training from the chunks through ImageDataModule, a Trainer and the CLI; damaged and missing chunks; offline."""
 import hashlib
 import json
@@ -8,15 +8,16 @@ import warnings
 import lightning as L
 import pytest
 import torch
-
 from conftest import QUICK, write_image_folder
+
 from vit.data import ImageDataModule
 from vit.data.images import BadImageError
 
 litdata = pytest.importorskip("litdata")
 
-from vit.data import convert as convert_module  # noqa: E402  (needs litdata)
-from vit.data.convert import convert, main  # noqa: E402
+from vit.commands.shards import main  # noqa: E402
+from vit.data import shards as convert_module  # noqa: E402  (needs litdata)
+from vit.data.shards import convert  # noqa: E402
 from vit.data.streaming import ShardError  # noqa: E402
 
 CLASSES = ["ant", "bee", "cow"]
@@ -43,7 +44,8 @@ def shards(tmp_path_factory):
     src = _source(tmp / "src")
     with pytest.MonkeyPatch.context() as patch, pytest.warns(UserWarning, match="skipped 1 unusable"):
         patch.setenv("VIT_CACHE_DIR", str(tmp / "cache"))
-        meta = main([str(src), str(tmp / "out"), "--workers", "1", "--chunk-bytes", "4KB"])
+        assert main([str(src), str(tmp / "out"), "--workers", "1", "--chunk-bytes", "4KB"]) == 0
+    meta = json.loads((tmp / "out" / "vit_dataset.json").read_text())
     return src, tmp / "out", meta
 
 
@@ -69,7 +71,8 @@ def test_convert_stores_bytes_labels_classes_and_reports_skips(shards):
 
 
 def test_trains_a_few_steps_from_shards(shards, tmp_path):
-    from vit.module import ImageClassifier
+    from vit.tasks.backbone import Backbone
+    from vit.tasks.classification import ImageClassifier
     _, out, _ = shards
     dm = ImageDataModule("streaming", root=str(out), img_size=16, batch_size=4)
     assert dm.class_names == CLASSES and dm.num_classes == 3  # from the metadata, before loading
@@ -82,8 +85,8 @@ def test_trains_a_few_steps_from_shards(shards, tmp_path):
     assert not torch.equal(epochs[0], epochs[1])  # reshuffled each epoch
     images, labels = next(iter(dm.val_dataloader()))
     assert images.shape == (4, 3, 16, 16) and images.dtype == torch.float32
-    module = ImageClassifier(num_classes=3, class_names=dm.class_names, img_size=16, patch_size=8, embed_dim=32,
-                             depth=1, num_heads=2)
+    module = ImageClassifier(Backbone(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2), num_classes=3,
+                             class_names=dm.class_names)
     trainer = L.Trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=2, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=tmp_path)
@@ -112,9 +115,9 @@ def test_augmentation_does_not_depend_on_num_workers(shards):
 
 
 def test_cli_fit_from_shards(shards, tmp_path, monkeypatch):
-    from vit.cli import DEFAULT_CONFIG
-    from vit.cli import main as cli_main
-    from vit.module import ImageClassifier
+    from vit.tasks.classification import ImageClassifier
+    from vit.training.cli import DEFAULT_CONFIG
+    from vit.training.cli import main as cli_main
     _, out, _ = shards
     monkeypatch.chdir(tmp_path)
     with warnings.catch_warnings():
@@ -228,7 +231,7 @@ def test_bad_streaming_configuration_names_the_key(kwargs, match):
 
 
 def test_folder_that_was_not_converted_is_explained(tmp_path):
-    with pytest.raises(ShardError, match="vit_dataset.json not found.*vit.data.convert"):
+    with pytest.raises(ShardError, match="vit_dataset.json not found.*vit shards"):
         ImageDataModule("streaming", root=str(tmp_path))
 
 
@@ -236,7 +239,9 @@ DDP_SCRIPT = """
 import json, os, sys, warnings
 import lightning as L
 from vit.data import ImageDataModule
-from vit.module import ImageClassifier
+from vit.tasks.backbone import Backbone
+from vit.tasks.classification import ImageClassifier
+from vit.tasks.backbone import Backbone
 
 class Record(L.Callback):
     def __init__(self):
@@ -254,8 +259,8 @@ if __name__ == "__main__":
     warnings.simplefilter("ignore")
     kind, root = sys.argv[2], sys.argv[3]
     dm = ImageDataModule(kind, root=root, img_size=16, batch_size=3, streaming=kind == "hf")
-    module = ImageClassifier(num_classes=dm.num_classes, img_size=16, patch_size=8, embed_dim=32, depth=1,
-                             num_heads=2)
+    module = ImageClassifier(Backbone(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2),
+                             num_classes=dm.num_classes)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[Record()])
@@ -364,8 +369,8 @@ def _stream_cli(cwd, root, *args):
     cmd = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs" / "imagefolder.yaml"),
            "--data.dataset", "streaming", "--data.root", str(root), "--trainer.max_epochs", "3",
            "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false", "--trainer.deterministic",
-           "true", "--trainer.accelerator", "cpu", "--model.arch", "null", "--model.embed_dim", "32", "--model.depth",
-           "1", "--model.num_heads", "2", "--model.patch_size", "8", "--model.drop_rate", "0.1", "--data.img_size",
+           "true", "--trainer.accelerator", "cpu", "--model.backbone.arch", "null", "--model.backbone.embed_dim", "32", "--model.backbone.depth",
+           "1", "--model.backbone.num_heads", "2", "--model.backbone.patch_size", "8", "--model.backbone.drop_rate", "0.1", "--data.img_size",
            "16", "--data.batch_size", "3", "--trainer.callbacks+=ModelCheckpoint",
            "--trainer.callbacks.every_n_train_steps=4", "--trainer.callbacks.save_last=true",
            "--trainer.callbacks.save_top_k=0", "--trainer.callbacks+=record.Record", *args]
@@ -417,7 +422,9 @@ def _fit_recorded(root, run_dir, num_workers, ckpt_path=None, stop_at=None):
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
     from record import Record
 
-    from vit.module import ImageClassifier
+    from vit.tasks.backbone import Backbone
+
+    from vit.tasks.classification import ImageClassifier
 
     class Stop(Callback):
         def on_train_batch_start(self, trainer, *args):
@@ -426,7 +433,7 @@ def _fit_recorded(root, run_dir, num_workers, ckpt_path=None, stop_at=None):
 
     L.seed_everything(0, verbose=False)
     dm = ImageDataModule("streaming", root=str(root), img_size=16, batch_size=3, num_workers=num_workers)
-    module = ImageClassifier(num_classes=3, img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    module = ImageClassifier(Backbone(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2), num_classes=3)
     checkpoint = ModelCheckpoint(dirpath=run_dir, every_n_train_steps=4, save_last=True, save_top_k=0)
     trainer = L.Trainer(max_epochs=3, limit_val_batches=1, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=run_dir,

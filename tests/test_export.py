@@ -1,9 +1,9 @@
-"""`python -m vit.export`: ONNX with a dynamic batch (parity with onnxruntime) and torch.export."""
+"""`vit export`: ONNX with a dynamic batch (parity with onnxruntime) and torch.export."""
 import pytest
 import torch
 
 import vit
-from vit import export
+from vit.commands import export
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from conftest import assert_matches_reference, randomize_, write_image_folder
 from test_checkpoints_hub import _put_in_cache, _timm_hub_files
 
 import vit
-from vit.cli import cli
+from vit.training.cli import cli
 
 TINY = dict(embed_dim=64, depth=2, num_heads=2)
 # name: (image size of the tiny model, normalisation its weights expect)
@@ -42,7 +42,7 @@ def test_timm_directory_of_each_family_loads_with_no_hints(name, tmp_path):
     assert_matches_reference(model, reference, _x(FAMILIES[name][0]))
     assert model.pretrained_cfg["mean"] == pytest.approx(list(FAMILIES[name][1]))
     # what only the name tells: QuickGELU for OpenAI CLIP, tanh GELU for SigLIP 2 shapes
-    assert model.config.act_layer == vit.registry.model_config(name).act_layer
+    assert model.config.act_layer == vit.models.registry.model_config(name).act_layer
 
 
 @pytest.mark.parametrize("name", ["vit_small_patch14_reg4_dinov2", "vit_base_patch16_clip_quickgelu_224",
@@ -52,7 +52,7 @@ def test_create_model_pretrained_resolves_the_default_tag_offline(name, tmp_path
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     reference = _timm_model(name)
-    _put_in_cache(cache, vit.registry.WEIGHTS[name].removeprefix("hf-hub:"), _timm_hub_files(reference))
+    _put_in_cache(cache, vit.models.registry.WEIGHTS[name].removeprefix("hf-hub:"), _timm_hub_files(reference))
     size = FAMILIES[name][0]
     model = vit.create_model(name, pretrained=True, img_size=size, **TINY)
     assert_matches_reference(model, reference, _x(size))  # the checkpoint's head (or none) is kept
@@ -83,13 +83,13 @@ def test_cli_fine_tunes_each_family(name, tmp_path, monkeypatch):
     images = write_image_folder(tmp_path / "images", classes=("cat", "dog", "fox"), per_class=4, size=40)
     monkeypatch.chdir(tmp_path)
     size = 42 if "patch14" in name else 48  # not the weights' size: the position grid is resampled
-    app = cli(["fit", "--config", str(vit.cli.DEFAULT_CONFIG.parent / "finetune" / "full.yaml"),
+    app = cli(["fit", "--config", str(vit.training.cli.DEFAULT_CONFIG.parent / "finetune" / "full.yaml"),
                "--data.root", str(images), "--data.img_size", str(size), "--data.batch_size", "4",
-               "--data.num_workers", "0", "--model.pretrained", str(tmp_path / "weights"),
+               "--data.num_workers", "0", "--model.backbone.pretrained", str(tmp_path / "weights"),
                "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
                "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
     model = app.model.model
-    want = vit.registry.model_config(name)
+    want = vit.models.registry.model_config(name)
     assert model.num_classes == 3 and model.img_size == (size, size)  # new head, position grid resampled
     assert (model.config.act_layer, model.config.global_pool, model.config.reg_tokens) == \
         (want.act_layer, want.global_pool, want.reg_tokens)
@@ -106,9 +106,9 @@ def test_cli_fine_tunes_hugging_face_checkpoints(family, tmp_path, monkeypatch):
     reference.save_pretrained(tmp_path / "weights")
     images = write_image_folder(tmp_path / "images", classes=("cat", "dog", "fox"), per_class=4, size=40)
     monkeypatch.chdir(tmp_path)
-    app = cli(["fit", "--config", str(vit.cli.DEFAULT_CONFIG.parent / "finetune" / "full.yaml"),
+    app = cli(["fit", "--config", str(vit.training.cli.DEFAULT_CONFIG.parent / "finetune" / "full.yaml"),
                "--data.root", str(images), "--data.img_size", "40", "--data.batch_size", "4",
-               "--data.num_workers", "0", "--model.pretrained", str(tmp_path / "weights"),
+               "--data.num_workers", "0", "--model.backbone.pretrained", str(tmp_path / "weights"),
                "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
                "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
     model = app.model.model

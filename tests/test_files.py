@@ -1,7 +1,7 @@
 """atomic_path: the one way files are replaced (checkpoints, save_pretrained, the image-folder scan cache)."""
 import pytest
 
-from vit.files import atomic_path
+from vit.utils.files import atomic_path
 
 
 def test_an_error_while_writing_keeps_the_old_file_and_leaves_no_temporary(tmp_path):

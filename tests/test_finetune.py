@@ -9,10 +9,11 @@ import torch
 from PIL import Image
 
 import vit
-from vit.cli import cli
 from vit.data import ImageDataModule
-from vit.module import ImageClassifier, freeze_layers, mix_batch
-from vit.optim import param_groups
+from vit.tasks.backbone import Backbone
+from vit.tasks.classification import ImageClassifier, freeze_layers, mix_batch
+from vit.training.cli import cli
+from vit.training.optim import param_groups
 
 TINY = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
 RECIPES = Path(__file__).resolve().parent.parent / "configs" / "finetune"
@@ -57,7 +58,7 @@ def test_finetuning_a_pretrained_model_beats_training_from_scratch(tmp_path):
     L.seed_everything(0)
     dm = ImageDataModule("imagefolder", root=str(task_a), img_size=16, batch_size=32, augment="none",
                          mean=[0.5], std=[0.5])
-    pre = ImageClassifier(num_classes=5, img_size=16, **arch, lr=3e-3, warmup_epochs=0)
+    pre = ImageClassifier(Backbone(img_size=16, **arch), num_classes=5, lr=3e-3, warmup_epochs=0)
     _trainer(tmp_path, max_epochs=15).fit(pre, datamodule=dm)
     pre_acc = _trainer(tmp_path).validate(pre, datamodule=dm, verbose=False)[0]["val/acc"]
     vit.save_pretrained(pre.model, tmp_path / "pre", class_names=dm.class_names, mean=[0.5] * 3, std=[0.5] * 3)
@@ -67,7 +68,7 @@ def test_finetuning_a_pretrained_model_beats_training_from_scratch(tmp_path):
         L.seed_everything(1)
         dm_b = ImageDataModule("imagefolder", root=str(task_b), img_size=24, batch_size=16, augment="none",
                                mean=[0.5], std=[0.5])
-        module = ImageClassifier(num_classes=5, img_size=24, lr=3e-3, warmup_epochs=0, **kwargs)
+        module = ImageClassifier(Backbone(img_size=24, **kwargs), num_classes=5, lr=3e-3, warmup_epochs=0)
         trainer = _trainer(tmp_path, max_epochs=15)
         trainer.fit(module, datamodule=dm_b)
         acc[name] = trainer.validate(module, datamodule=dm_b, verbose=False)[0]["val/acc"]
@@ -79,7 +80,7 @@ def test_finetuning_a_pretrained_model_beats_training_from_scratch(tmp_path):
 
 def test_pretrained_weights_load_in_init_with_new_head_and_size(pretrained_dir, tmp_path):
     source = vit.load_pretrained(pretrained_dir)
-    module = ImageClassifier(pretrained=str(pretrained_dir), num_classes=3, img_size=24, drop_path_rate=0.1)
+    module = ImageClassifier(Backbone(pretrained=str(pretrained_dir), img_size=24, drop_path_rate=0.1), num_classes=3)
     model = module.model
     assert model.num_classes == 3 and model.img_size == (24, 24) and model.pos_embed.shape[1] == 1 + 36
     assert torch.equal(model.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight)
@@ -87,7 +88,7 @@ def test_pretrained_weights_load_in_init_with_new_head_and_size(pretrained_dir, 
     # the .ckpt records the loaded architecture, so it reloads without the pretrained files
     trainer = _trainer(tmp_path, max_steps=1, limit_val_batches=0)
     dm = ImageDataModule("digits", img_size=24, batch_size=8)
-    module = ImageClassifier(pretrained=str(pretrained_dir), num_classes=10, img_size=24)
+    module = ImageClassifier(Backbone(pretrained=str(pretrained_dir), img_size=24), num_classes=10)
     trainer.fit(module, datamodule=dm)
     trainer.save_checkpoint(tmp_path / "ft.ckpt")
     for f in pretrained_dir.iterdir():
@@ -99,7 +100,7 @@ def test_pretrained_weights_load_in_init_with_new_head_and_size(pretrained_dir, 
 
 
 def test_layer_decay_groups_every_parameter_once_with_lr_per_depth(tmp_path):
-    module = ImageClassifier(num_classes=10, img_size=16, **TINY, lr=1e-2, layer_decay=0.5)
+    module = ImageClassifier(Backbone(img_size=16, layer_decay=0.5, **TINY), num_classes=10, lr=1e-2)
     model = module.model
     groups = param_groups(model, 0.05, layer_decay=0.5)
     names = [n for g in groups for n in g["names"]]
@@ -120,7 +121,7 @@ def test_layer_decay_groups_every_parameter_once_with_lr_per_depth(tmp_path):
 
 def test_timm_optimizer_factory_reads_our_group_matcher_like_ours():
     from timm.optim import create_optimizer_v2
-    model = ImageClassifier(num_classes=10, img_size=16, **TINY).model
+    model = ImageClassifier(Backbone(img_size=16, **TINY), num_classes=10).model
     optimizer = create_optimizer_v2(model, "adamw", lr=1.0, weight_decay=0.05, layer_decay=0.5)
     timm_scale = {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
     ours = {id(p): g["lr_scale"] for g in param_groups(model, 0.05, layer_decay=0.5) for p in g["params"]}
@@ -134,7 +135,7 @@ def test_timm_optimizer_factory_reads_our_group_matcher_like_ours():
 ])
 def test_frozen_parameters_are_untouched_and_left_out_of_the_optimizer(tmp_path, freeze, trainable):
     L.seed_everything(0)
-    module = ImageClassifier(num_classes=10, img_size=16, **TINY, lr=1e-2, warmup_epochs=0, freeze=freeze)
+    module = ImageClassifier(Backbone(img_size=16, freeze=freeze, **TINY), num_classes=10, lr=1e-2, warmup_epochs=0)
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
     trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=0)
     trainer.fit(module, datamodule=ImageDataModule("digits", img_size=16, batch_size=16))
@@ -146,8 +147,8 @@ def test_frozen_parameters_are_untouched_and_left_out_of_the_optimizer(tmp_path,
 
 
 def test_freeze_rejects_bad_values():
-    with pytest.raises(ValueError, match="model.freeze"):
-        ImageClassifier(num_classes=3, img_size=16, **TINY, freeze="head")
+    with pytest.raises(ValueError, match="model.backbone.freeze"):
+        ImageClassifier(Backbone(img_size=16, freeze="head", **TINY), num_classes=3)
     model = vit.VisionTransformer(img_size=16, num_classes=3, **TINY)
     freeze_layers(model, "none")
     assert all(p.requires_grad for p in model.parameters())
@@ -156,8 +157,8 @@ def test_freeze_rejects_bad_values():
 @pytest.mark.parametrize("batch", [8, 7, 1])
 @pytest.mark.parametrize("mixup_alpha,cutmix_alpha", [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0)])
 def test_mixup_cutmix_targets_sum_to_one(batch, mixup_alpha, cutmix_alpha):
-    module = ImageClassifier(num_classes=5, img_size=16, **TINY, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
-                             label_smoothing=0.1)
+    module = ImageClassifier(Backbone(img_size=16, **TINY), num_classes=5, mixup_alpha=mixup_alpha,
+                             cutmix_alpha=cutmix_alpha, label_smoothing=0.1)
     images, targets = torch.randn(batch, 3, 16, 16), torch.arange(batch) % 5
     mixed, soft = mix_batch(module.mixup, images, targets)
     assert mixed.shape == images.shape and soft.shape == (batch, 5)
@@ -169,7 +170,7 @@ def test_mixup_cutmix_targets_sum_to_one(batch, mixup_alpha, cutmix_alpha):
 
 
 def test_mixup_training_step_runs_with_an_odd_last_batch(tmp_path):
-    module = ImageClassifier(num_classes=10, img_size=16, **TINY, mixup_alpha=0.8, cutmix_alpha=1.0)
+    module = ImageClassifier(Backbone(img_size=16, **TINY), num_classes=10, mixup_alpha=0.8, cutmix_alpha=1.0)
     trainer = _trainer(tmp_path, limit_train_batches=2, limit_val_batches=0)
     dm = ImageDataModule("digits", img_size=16, batch_size=7)
     trainer.fit(module, datamodule=dm)
@@ -196,7 +197,7 @@ def test_ema_weights_differ_from_raw_and_are_what_gets_evaluated(tmp_path):
             self.raw_during_val = ema._average_model.module.model.head.weight.detach().clone()
 
     L.seed_everything(0)
-    module = ImageClassifier(num_classes=10, img_size=16, **TINY, lr=1e-2, warmup_epochs=0, ema_decay=decay)
+    module = ImageClassifier(Backbone(img_size=16, **TINY), num_classes=10, lr=1e-2, warmup_epochs=0, ema_decay=decay)
     probe = Probe()
     trainer = _trainer(tmp_path, limit_train_batches=4, limit_val_batches=1, callbacks=[probe],
                        num_sanity_val_steps=0)
@@ -219,19 +220,19 @@ def test_recipes_parse_and_take_normalisation_from_the_pretrained_weights(recipe
                                                                           tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     app = cli(["--config", str(RECIPES / recipe), "--data.root", str(image_folder), "--data.img_size", "16",
-               "--data.num_workers", "0", "--model.pretrained", str(pretrained_dir)], run=False)
+               "--data.num_workers", "0", "--model.backbone.pretrained", str(pretrained_dir)], run=False)
     assert app.model.model.num_classes == 2 and app.model.model.img_size == (16, 16)
     assert app.datamodule.mean == (0.25, 0.5, 0.75) and app.datamodule.std == (0.2, 0.3, 0.4)
     if recipe == "linear_probe.yaml":
         assert {n for n, p in app.model.model.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}
     else:
-        assert app.model.hparams.layer_decay and app.model.hparams.ema_decay
+        assert app.model.backbone.layer_decay and app.model.hparams.ema_decay
 
 
 def test_explicit_data_mean_std_win_over_the_pretrained_ones(pretrained_dir, image_folder, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     app = cli(["--config", str(RECIPES / "full.yaml"), "--data.root", str(image_folder), "--data.img_size", "16",
-               "--model.pretrained", str(pretrained_dir), "--data.mean", "[0.1,0.1,0.1]"], run=False)
+               "--model.backbone.pretrained", str(pretrained_dir), "--data.mean", "[0.1,0.1,0.1]"], run=False)
     assert app.datamodule.mean == (0.1, 0.1, 0.1) and app.datamodule.std == (0.2, 0.3, 0.4)
 
 
@@ -240,17 +241,19 @@ def test_full_recipe_trains_with_clipping_accumulation_auto_precision_and_early_
     monkeypatch.chdir(tmp_path)
     app = cli(["fit", "--config", str(RECIPES / "full.yaml"), "--data.root", str(image_folder),
                "--data.img_size", "16", "--data.batch_size", "5", "--data.num_workers", "0",
-               "--model.pretrained", str(pretrained_dir), "--trainer.max_epochs", "2",
+               "--model.backbone.pretrained", str(pretrained_dir), "--trainer.max_epochs", "2",
                "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.accumulate_grad_batches", "2",
                "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
     trainer = app.trainer
-    from vit.cli import resolve_precision
+    from vit.training.cli import resolve_precision
     assert trainer.precision == resolve_precision("cpu") and trainer.gradient_clip_val == 1.0  # precision: auto
     assert trainer.accumulate_grad_batches == 2 and trainer.global_step == 4  # 16 images / 5 -> 4 batches / 2 x 2
     assert any(type(c).__name__ == "EarlyStopping" for c in trainer.callbacks)
     assert torch.isfinite(trainer.callback_metrics["val/loss"])
     ckpt = torch.load(next(Path(trainer.log_dir).rglob("last.ckpt")), weights_only=False)
-    assert "current_model_state" in ckpt and ckpt["hyper_parameters"]["pretrained"] is None
+    backbone = ckpt["hyper_parameters"]["backbone"]
+    assert "current_model_state" in ckpt and backbone["pretrained"] is None  # the weights are in the checkpoint
+    assert backbone["embed_dim"] == app.model.model.embed_dim  # and the architecture is recorded instead
     assert ckpt["datamodule_hyper_parameters"]["mean"] == [0.25, 0.5, 0.75]
 
 

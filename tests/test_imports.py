@@ -53,12 +53,66 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_import_circles():
     graph = _imports()
-    assert "vit.registry" in graph and "vit.data.images" in graph
+    assert "vit.models.registry" in graph and "vit.data.images" in graph
     cycle = _cycle({k: {m for m in v if not k.startswith(m + ".")} for k, v in graph.items()})
     assert cycle is None, " -> ".join(cycle)
 
 
 def test_registry_and_image_decoding_are_leaves():
     graph = _imports()
-    assert graph["vit.registry"] <= {"vit.config"}
-    assert graph["vit.config"] == set() and graph["vit.data.images"] == set()
+    assert graph["vit.models.registry"] <= {"vit.models.config"}
+    assert graph["vit.models.config"] == set() and graph["vit.data.images"] == set()
+
+
+# DESIGN.md's layers, lowest first: a module may import from its own layer or the ones below, never above.
+LAYERS = [
+    ("utils", ("vit.utils",)),
+    ("models", ("vit.models",)),
+    ("data, checkpoints", ("vit.data", "vit.checkpoints")),
+    ("tasks, features, deploy, training", ("vit.tasks", "vit.features", "vit.deploy", "vit.training")),
+    ("entry points", ("vit.commands", "vit.training.cli", "vit.__main__", "vit")),
+]
+
+
+def _layer(module: str) -> int:
+    """The layer of a module: the longest matching prefix wins (vit.training.cli is an entry point)."""
+    best, level = -1, None
+    for index, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+                best, level = len(prefix), index
+    assert level is not None, f"{module} is in no layer; add it to LAYERS"
+    return level
+
+
+def test_imports_flow_down_the_layers():
+    graph = _imports()
+    upward = [f"{m} ({LAYERS[_layer(m)][0]}) imports {t} ({LAYERS[_layer(t)][0]})"
+              for m, targets in sorted(graph.items()) for t in sorted(targets)
+              if _layer(t) > _layer(m) and not m.startswith(t + ".")]
+    assert not upward, "imports that reach up a layer:\n  " + "\n  ".join(upward)
+
+
+def test_tasks_do_not_import_each_other_and_models_stay_plain():
+    graph = _imports()
+    shared = {"vit.tasks", "vit.tasks.backbone"}  # the one description every task takes
+    crossing = [f"{m} imports {t}" for m, targets in graph.items() if m.startswith("vit.tasks.") and m not in shared
+                for t in targets if t.startswith("vit.tasks.") and t not in shared]
+    assert not crossing, crossing
+    for name, path in {_module_name(p): p for p in PACKAGE.rglob("*.py")}.items():
+        if name.startswith("vit.models"):
+            text = path.read_text(encoding="utf-8")
+            assert "lightning" not in text and "open(" not in text, f"{name}: models are plain nn.Modules, no I/O"
+
+
+def test_layer_check_catches_an_upward_import(tmp_path, monkeypatch):
+    """The check itself can fail: a models module that imports a task is reported."""
+    graph = _imports()
+    graph["vit.models.vision"] = graph["vit.models.vision"] | {"vit.tasks.classification"}
+    monkeypatch.setattr(__import__(__name__), "_imports", lambda: graph)
+    try:
+        test_imports_flow_down_the_layers()
+    except AssertionError as error:
+        assert "vit.models.vision (models) imports vit.tasks.classification" in str(error)
+    else:
+        raise AssertionError("an upward import went unnoticed")

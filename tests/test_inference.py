@@ -1,4 +1,4 @@
-"""vit.inference: every backend gives eager's answers on a small trained model; missing pieces are clear messages.
+"""vit.deploy.runners: every backend gives eager's answers on a small trained model; missing pieces are clear messages.
 
 Thresholds: fp32 backends give eager's top-1 on every held-out digit (logits within 1e-4); int8 (eager torch.ao,
 onnxruntime) agrees with fp32 on at least 97 % of them.
@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import vit
-from vit import inference
-from vit import predict as predict_cli
-from vit.inference import BackendError, VerificationError, create_runner, top1_agreement
+from vit.commands import predict as predict_cli
+from vit.deploy import runners as inference
+from vit.deploy.predict import load_model, predict
+from vit.deploy.runners import BackendError, VerificationError, create_runner, top1_agreement
 
 INT8_AGREEMENT = 0.97
 
@@ -156,7 +157,7 @@ def test_bad_arguments_are_value_errors(trained):
         create_runner(model, "eager", "int4")
 
 
-# ---- vit.predict -------------------------------------------------------------------------------------------
+# ---- vit.deploy.predict -------------------------------------------------------------------------------------------
 @pytest.fixture
 def digit_files(trained, tmp_path):
     """The held-out digits as 16 px PNGs and a save_pretrained directory of the model (mean/std 0.5)."""
@@ -176,13 +177,13 @@ def test_predict_backends_and_workers_give_the_same_answers(digit_files, tmp_pat
     pytest.importorskip("onnxruntime")
     monkeypatch.setenv("VIT_CACHE_DIR", str(tmp_path / "cache"))
     paths, directory = digit_files
-    model = predict_cli.load_model(str(directory))
-    eager = predict_cli.predict(model, paths, topk=1, batch_size=16, backend="eager", workers=0)
+    model = load_model(str(directory))
+    eager = predict(model, paths, topk=1, batch_size=16, backend="eager", workers=0)
     for backend, workers in (("onnxruntime", 1), ("auto", 2)):
-        got = predict_cli.predict(model, paths, topk=1, batch_size=16, backend=backend, workers=workers)
+        got = predict(model, paths, topk=1, batch_size=16, backend=backend, workers=workers)
         assert [top[0][0] for top in got] == [top[0][0] for top in eager]
         assert [top[0][1] for top in got] == pytest.approx([top[0][1] for top in eager], abs=1e-5)
-    int8 = predict_cli.predict(model, paths, topk=1, batch_size=16, backend="onnxruntime", quantize="int8")
+    int8 = predict(model, paths, topk=1, batch_size=16, backend="onnxruntime", quantize="int8")
     assert np.mean([a[0][0] == b[0][0] for a, b in zip(int8, eager)]) >= INT8_AGREEMENT
 
 

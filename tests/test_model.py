@@ -3,7 +3,7 @@ import timm
 import torch
 
 import vit
-from vit.layers import Attention
+from vit.models.layers import Attention
 
 
 @pytest.mark.parametrize("name,count", [
@@ -235,7 +235,7 @@ def test_forward_intermediates_checks_its_arguments(tiny_model):
 
 # ---- small-dataset options: Shifted Patch Tokenization and Locality Self-Attention (Lee et al. 2021) ----------
 def test_shifted_patch_tokens_see_half_a_patch_of_their_neighbours():
-    from vit.layers import PatchEmbed, ShiftedPatchEmbed
+    from vit.models.layers import PatchEmbed, ShiftedPatchEmbed
     torch.manual_seed(0)
     spt, conv = ShiftedPatchEmbed(16, 4, 3, 32).eval(), PatchEmbed(16, 4, 3, 32).eval()
     x = torch.randn(1, 3, 16, 16)
@@ -257,7 +257,7 @@ def test_shifted_patch_tokens_see_half_a_patch_of_their_neighbours():
 
 
 def test_locality_self_attention_masks_the_diagonal_and_learns_its_temperature():
-    from vit.layers import Attention
+    from vit.models.layers import Attention
     torch.manual_seed(0)
     attn = Attention(32, num_heads=2, locality=True).eval()
     with torch.no_grad():

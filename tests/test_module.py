@@ -4,19 +4,21 @@ import torch
 
 from vit import VisionTransformer
 from vit.data import ImageDataModule
-from vit.module import ImageClassifier
-from vit.optim import param_groups, warmup_cosine
+from vit.tasks.backbone import Backbone
+from vit.tasks.classification import ImageClassifier
+from vit.training.optim import param_groups, warmup_cosine
 
-TINY = dict(num_classes=10, img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+ARCH = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+TINY = dict(backbone=Backbone(**ARCH), num_classes=10)
 
 
 def test_arch_name_with_explicit_overrides():
-    module = ImageClassifier(arch="vit_small_patch16_224", num_classes=3, img_size=32, depth=1)
+    module = ImageClassifier(Backbone(arch="vit_small_patch16_224", img_size=32, depth=1), num_classes=3)
     assert module.model.embed_dim == 384 and len(module.model.blocks) == 1 and module.model.num_classes == 3
 
 
 def test_weight_decay_groups_follow_no_weight_decay():
-    model = VisionTransformer(**TINY)
+    model = VisionTransformer(**ARCH, num_classes=10)
     groups = param_groups(model, weight_decay=0.05)
     decayed = {n for g in groups if g["weight_decay"] > 0 for n in g["names"]}
     skipped = {n for g in groups if g["weight_decay"] == 0 for n in g["names"]}
@@ -54,7 +56,7 @@ def test_checkpoint_reloads_and_predicts_identically(tmp_path):
     with torch.no_grad():
         assert torch.equal(module(x), restored(x))
     assert restored.class_names == dm.class_names
-    assert restored.hparams.embed_dim == 32
+    assert restored.hparams.backbone["embed_dim"] == 32 and restored.backbone.embed_dim == 32
 
 
 def test_training_step_lowers_loss_and_logs_metrics(tmp_path):
@@ -73,7 +75,7 @@ def test_training_step_lowers_loss_and_logs_metrics(tmp_path):
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(lr=0), "model.lr"), (dict(label_smoothing=1.5), "model.label_smoothing"),
-    (dict(layer_decay=2.0), "model.layer_decay"), (dict(class_names=["a"]), "class_names"),
+    (dict(backbone={"layer_decay": 2.0}), "model.backbone.layer_decay"), (dict(class_names=["a"]), "class_names"),
     (dict(nonfinite_loss="ignore"), "model.nonfinite_loss"),
 ])
 def test_bad_training_configuration_names_the_key(kwargs, match):
@@ -86,7 +88,7 @@ def test_budget_schedule_decays_over_the_time_allowed_not_the_steps(tmp_path):
 
     from vit.data import ImageDataModule
     L.seed_everything(0)
-    module = ImageClassifier(num_classes=10, img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2,
+    module = ImageClassifier(Backbone(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2), num_classes=10,
                              lr=1e-3, warmup_epochs=0.2, min_lr_ratio=0.01, schedule="budget")
     lrs = []
 
@@ -109,7 +111,7 @@ def test_budget_schedule_without_a_time_budget_is_a_clear_error(tmp_path):
     import lightning as L
 
     from vit.data import ImageDataModule
-    module = ImageClassifier(num_classes=10, img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2,
+    module = ImageClassifier(Backbone(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2), num_classes=10,
                              schedule="budget")
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_checkpointing=False, default_root_dir=tmp_path)

@@ -1,18 +1,20 @@
-"""Results people look at: `train.py predict` CSV, `python -m vit.predict`, the test report, attention maps."""
+"""Results people look at: `train.py predict` CSV, `vit predict`, the test report, attention maps."""
 import csv
 from pathlib import Path
 
 import pytest
 import torch
-
-import vit
-from vit import predict as predict_cli
-from vit import visualize
-from vit.cli import main as train_main
-from vit.data import ImageDataModule
 from conftest import write_image_folder
 
-TINY = ["--model.embed_dim", "32", "--model.depth", "2", "--model.num_heads", "2", "--model.patch_size", "4",
+import vit
+from vit.commands import predict as predict_cli
+from vit.commands import visualize
+from vit.data import ImageDataModule
+from vit.deploy.predict import load_model, predict
+from vit.features.attention import attention_map, attention_rollout
+from vit.training.cli import main as train_main
+
+TINY = ["--model.backbone.embed_dim", "32", "--model.backbone.depth", "2", "--model.backbone.num_heads", "2", "--model.backbone.patch_size", "4",
         "--data.img_size", "16", "--data.batch_size", "8", "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "1"]
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "imagefolder.yaml"
@@ -52,7 +54,7 @@ def test_train_predict_writes_a_csv_of_topk_labels(trained, image_folder, tmp_pa
         assert rows[0] == ["file", "label_1", "prob_1", "label_2", "prob_2", "label_3", "prob_3"]
         assert [r[0] for r in rows[1:]] == expected
         # each row is the model's own ranking for that file, computed here without Lightning
-        own = predict_cli.predict(predict_cli.load_model(str(ckpt)), expected, topk=3)
+        own = predict(load_model(str(ckpt)), expected, topk=3)
         for row, ranking in zip(rows[1:], own):
             labels, probs = row[1::2], [float(p) for p in row[2::2]]
             assert labels == [name for name, _ in ranking], row[0]
@@ -101,7 +103,7 @@ def test_test_writes_confusion_matrix_png_and_per_class_csv(trained, image_folde
     # the same numbers as scikit-learn's on the model's own answers for the test (= val) images
     from sklearn.metrics import precision_recall_fscore_support
     files = sorted(str(p) for p in (image_folder / "val").rglob("*.png"))
-    answers = [ranking[0][0] for ranking in predict_cli.predict(predict_cli.load_model(str(ckpt)), files, topk=1)]
+    answers = [ranking[0][0] for ranking in predict(load_model(str(ckpt)), files, topk=1)]
     truth = [Path(f).parent.name for f in files]
     expected = precision_recall_fscore_support(truth, answers, labels=CLASSES, zero_division=0)
     for i, row in enumerate(rows):
@@ -122,9 +124,9 @@ def test_visualize_writes_an_attention_overlay_png(trained, image_folder, tmp_pa
 def test_attention_rollout_is_a_distribution_over_patches():
     model = vit.VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=3)
     maps = model.attention_maps(torch.randn(2, 3, 16, 16))
-    rollout = visualize.attention_rollout(maps)
+    rollout = attention_rollout(maps)
     assert rollout.shape == (2, 16) and (rollout >= 0).all() and (rollout.sum(-1) <= 1 + 1e-5).all()
-    heat = visualize.attention_map(model, torch.randn(1, 3, 16, 16), "last")
+    heat = attention_map(model, torch.randn(1, 3, 16, 16), "last")
     assert heat.shape == (1, 16, 16) and heat.min() == 0 and heat.max() == pytest.approx(1)
 
 

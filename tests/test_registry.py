@@ -4,7 +4,7 @@ import timm
 import torch
 
 import vit
-from vit.registry import MODELS, WEIGHTS
+from vit.models.registry import MODELS, WEIGHTS
 
 FAMILIES = [n for n in MODELS if any(f in n for f in ("dinov2", "deit3_", "_clip_", "_siglip_"))]
 

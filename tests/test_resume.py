@@ -12,11 +12,13 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from vit.data import ImageDataModule
-from vit.module import ImageClassifier
-from vit.resume import AtomicCheckpointIO, ResumeState, SaveOnSignal, TrainingInterrupted, rng_state, set_rng_state
+from vit.tasks.backbone import Backbone
+from vit.tasks.classification import ImageClassifier
+from vit.training.resume import (AtomicCheckpointIO, ResumeState, SaveOnSignal, TrainingInterrupted, rng_state,
+                                 set_rng_state)
 
-TINY = dict(num_classes=10, img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, drop_rate=0.1,
-            drop_path_rate=0.1)
+TINY = dict(backbone=Backbone(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, drop_rate=0.1,
+                              drop_path_rate=0.1), num_classes=10)
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -105,7 +107,7 @@ def _cli(cwd, *args):
     cmd = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs" / "digits.yaml"),
            "--trainer.max_epochs", "4", "--trainer.limit_train_batches", "6", "--trainer.limit_val_batches", "2",
            "--trainer.enable_progress_bar", "false", "--trainer.deterministic", "true", "--trainer.accelerator",
-           "cpu", "--model.embed_dim", "32", "--model.depth", "1", "--model.num_heads", "2", "--model.drop_rate",
+           "cpu", "--model.backbone.embed_dim", "32", "--model.backbone.depth", "1", "--model.backbone.num_heads", "2", "--model.backbone.drop_rate",
            "0.1", "--data.img_size", "16",
            # save points inside epochs too: last.ckpt every 4 steps (6 per epoch: mid-epoch at steps 4, 8, 16, 20)
            "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps=4",
@@ -166,10 +168,10 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
 
 
 def test_last_checkpoint_follows_every_epoch_even_without_improvement(tmp_path):
-    from vit.resume import LastCheckpoint
+    from vit.training.resume import LastCheckpoint
     L.seed_everything(0)
     dm = ImageDataModule("digits", img_size=16, batch_size=32)
-    module = ImageClassifier(num_classes=10, img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2,
+    module = ImageClassifier(Backbone(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2), num_classes=10,
                              lr=1e-12, warmup_epochs=0)  # frozen in practice: val/acc never improves
     checkpoint = LastCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max", save_last=True)
     trainer = L.Trainer(max_epochs=3, limit_train_batches=2, limit_val_batches=2, accelerator="cpu", logger=False,
@@ -189,8 +191,9 @@ from torch.utils.data import Dataset
 
 from vit.data import ImageDataModule
 from vit.data.sampling import split_index
-from vit.module import ImageClassifier
-from vit.resume import ResumeState, SaveOnSignal, TrainingInterrupted
+from vit.tasks.backbone import Backbone
+from vit.tasks.classification import ImageClassifier
+from vit.training.resume import ResumeState, SaveOnSignal, TrainingInterrupted
 
 
 class Seen(Dataset):
@@ -243,8 +246,8 @@ if __name__ == "__main__":
     out, stop_at, ckpt_path = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None
     L.seed_everything(0, verbose=False)
     dm = Data("digits", img_size=16, batch_size=32, hflip=True, color_jitter=0.2)
-    module = ImageClassifier(num_classes=10, img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2,
-                             drop_rate=0.1, drop_path_rate=0.1)
+    module = ImageClassifier(Backbone(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, drop_rate=0.1,
+                                      drop_path_rate=0.1), num_classes=10)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, limit_train_batches=5,
                         limit_val_batches=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         deterministic=True, default_root_dir=out,

@@ -3,21 +3,22 @@ import lightning as L
 import pytest
 import torch
 
-from vit.cli import DEFAULT_CONFIG, main
 from vit.data import ImageDataModule
-from vit.module import ClassMismatchError, ImageClassifier, NonFiniteLossError
+from vit.tasks.backbone import Backbone
+from vit.tasks.classification import ClassMismatchError, ImageClassifier, NonFiniteLossError
+from vit.training.cli import DEFAULT_CONFIG, main
 
 QUICK = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
-         "--trainer.limit_test_batches", "2", "--trainer.enable_progress_bar", "false", "--model.embed_dim", "32",
-         "--model.depth", "1", "--model.num_heads", "2", "--data.img_size", "16"]
-TINY = dict(num_classes=10, img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+         "--trainer.limit_test_batches", "2", "--trainer.enable_progress_bar", "false", "--model.backbone.embed_dim", "32",
+         "--model.backbone.depth", "1", "--model.backbone.num_heads", "2", "--data.img_size", "16"]
+TINY = dict(backbone=Backbone(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2), num_classes=10)
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--model.arch", "vit_smal_patch16_224"], "vit_small_patch16_224"),
-    (["--model.patch_size", "5"], "not divisible by patch_size"),
-    (["--model.embed_dim", "33"], "not divisible by num_heads"),
-    (["--model.drop_path_rate", "-0.1"], "drop_path_rate"),
+    (["--model.backbone.arch", "vit_smal_patch16_224"], "vit_small_patch16_224"),
+    (["--model.backbone.patch_size", "5"], "not divisible by patch_size"),
+    (["--model.backbone.embed_dim", "33"], "not divisible by num_heads"),
+    (["--model.backbone.drop_path_rate", "-0.1"], "drop_path_rate"),
     (["--model.lr", "-1"], "model.lr"),
     (["--trainer.accelerator", "cpu", "--trainer.devices", "4096"], "trainer.devices: asked for 4096"),
     (["--data.on_bad_image", "ignore"], "on_bad_image"),
@@ -74,7 +75,7 @@ def test_default_recipe_is_bit_identical_across_seeded_deterministic_runs(tmp_pa
     monkeypatch.chdir(tmp_path)
     runs = []
     for _ in range(2):
-        app = main([*QUICK, "--trainer.deterministic", "true", "--model.drop_rate", "0.1"])
+        app = main([*QUICK, "--trainer.deterministic", "true", "--model.backbone.drop_rate", "0.1"])
         weights = torch.cat([p.detach().flatten() for p in app.model.parameters()])
         runs.append(({k: float(v) for k, v in app.trainer.callback_metrics.items()}, weights))
     assert runs[0][0] == runs[1][0] and runs[0][0]

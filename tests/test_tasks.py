@@ -1,4 +1,4 @@
-"""Frozen-feature tasks: pooling, kNN, linear probe, feature files, the cache, vit.embed / vit.probe / vit.search."""
+"""Frozen-feature tasks: pooling, kNN, linear probe, feature files, the cache, vit.commands.embed / vit.commands.probe / vit.commands.search."""
 from __future__ import annotations
 
 import csv
@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_image_folder
 from PIL import Image
 
 import vit
-from vit.tasks import Features, extract_features, knn_classify, linear_probe, nearest, pool_tokens, probe_backbone
-from vit.tasks.backbone import load_backbone
-
-from conftest import write_image_folder
+from vit.features import Features, extract_features, knn_classify, linear_probe, nearest, pool_tokens, probe_backbone
+from vit.features.backbone import load_backbone
+from vit.tasks.backbone import Backbone
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
@@ -114,16 +114,16 @@ def test_feature_file_is_plain_safetensors(tmp_path):
 def test_probe_ranks_a_trained_backbone_above_a_random_one_on_digits(tmp_path, capsys):
     import lightning as L
 
+    from vit.commands.probe import main
     from vit.data import ImageDataModule
-    from vit.module import ImageClassifier
-    from vit.probe import main
+    from vit.tasks.classification import ImageClassifier
 
     L.seed_everything(0)
     # average pooling, no class token: learns digits fastest (0.86 val accuracy after 8 epochs), and `--pool cls`
     # (the default) then falls back to the model's own pooling
     data = ImageDataModule("digits", img_size=16, batch_size=32, augment="none")
-    module = ImageClassifier(num_classes=10, lr=3e-3, warmup_epochs=0.5, label_smoothing=0.0, global_pool="avg",
-                             class_token=False, **{**SMALL, "depth": 2, "embed_dim": 48})
+    module = ImageClassifier(Backbone(global_pool="avg", class_token=False, **{**SMALL, "depth": 2, "embed_dim": 48}),
+                             num_classes=10, lr=3e-3, warmup_epochs=0.5, label_smoothing=0.0)
     L.Trainer(max_epochs=8, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, limit_val_batches=0).fit(module, datamodule=data)
     trained = vit.save_pretrained(module.model, tmp_path / "trained", mean=list(data.mean), std=list(data.std))
@@ -146,7 +146,7 @@ def test_probe_ranks_a_trained_backbone_above_a_random_one_on_digits(tmp_path, c
 
 
 def test_cache_is_reused_and_invalidated_when_a_file_changes(tmp_path, monkeypatch):
-    import vit.tasks.compare as compare
+    import vit.features.compare as compare
     root = write_image_folder(tmp_path / "images", per_class=6, size=16)
     backbone = str(small_backbone(tmp_path / "bb"))
     train = [(str(p), int(p.parent.name == "dog")) for p in sorted((root / "train").rglob("*.png"))]
@@ -173,12 +173,12 @@ def test_cache_is_reused_and_invalidated_when_a_file_changes(tmp_path, monkeypat
     assert probe_backbone(backbone, train, val, ["cat", "dog"], img_size=24, **options).cached is False  # new size
 
 
-# ---- vit.embed ---------------------------------------------------------------------------------------------
+# ---- vit.commands.embed ---------------------------------------------------------------------------------------------
 def test_embed_writes_paths_labels_and_skips_unreadable_images(tmp_path, monkeypatch, capsys):
-    from vit.embed import main
+    from vit.commands.embed import main
     root = write_image_folder(tmp_path / "images", per_class=3, size=20, splits=("",))
     (root / "cat" / "empty.png").write_bytes(b"")  # found by the header scan
-    import vit.tasks.extract as extract
+    import vit.features.extract as extract
     real = extract.load_image
 
     def failing(path, in_chans=3):  # a file whose header is sound but whose pixels fail to decode
@@ -204,8 +204,8 @@ def test_embed_writes_paths_labels_and_skips_unreadable_images(tmp_path, monkeyp
                   for line in skipped) == ["cat/empty.png", "dog/1.png"]
 
     # each image's embedding is the one the model gives it alone
-    model = vit.tasks.backbone.at_image_size(load_backbone(str(tmp_path / "bb")), 24)
-    from vit.predict import preprocess
+    model = vit.features.backbone.at_image_size(load_backbone(str(tmp_path / "bb")), 24)
+    from vit.deploy.predict import preprocess
     with torch.no_grad():
         alone = pool_tokens(model, model.forward_features(preprocess(model, feats.paths[:1])), "avg")
     assert torch.allclose(feats.features[:1], alone, atol=1e-5)
@@ -218,7 +218,7 @@ def test_embed_writes_paths_labels_and_skips_unreadable_images(tmp_path, monkeyp
     (["IMAGES", "--checkpoint", "BB", "--out", "f.safetensors", "--batch-size", "0"], "--batch-size"),
 ])
 def test_embed_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, argv, message):
-    from vit.embed import main
+    from vit.commands.embed import main
     root = write_image_folder(tmp_path / "images", per_class=1, size=16, splits=("",))
     bb = small_backbone(tmp_path / "bb")
     argv = [{"IMAGES": str(root), "BB": str(bb)}.get(a, a) for a in argv]
@@ -234,7 +234,7 @@ def test_embed_with_two_ddp_processes_yields_every_image_exactly_once(tmp_path):
     bb = small_backbone(tmp_path / "bb")
     out = tmp_path / "feats.safetensors"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "vit.embed", str(root), "--checkpoint", str(bb), "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "vit", "embed", str(root), "--checkpoint", str(bb), "--out", str(out),
                            "--accelerator", "cpu", "--devices", "2", "--batch-size", "2", "--no-progress"],
                           env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -249,9 +249,9 @@ def test_embed_with_two_ddp_processes_yields_every_image_exactly_once(tmp_path):
     assert merged.labels.tolist() == alone.labels.tolist() == [0] * 5 + [1] * 5 + [2] * 5
 
 
-# ---- vit.search --------------------------------------------------------------------------------------------
+# ---- vit.commands.search --------------------------------------------------------------------------------------------
 def test_search_finds_the_query_itself_first(tmp_path, capsys):
-    from vit.search import main
+    from vit.commands.search import main
     root = write_image_folder(tmp_path / "images", per_class=4, size=16, splits=("",))
     bb = small_backbone(tmp_path / "bb", seed=1)
     index = tmp_path / "feats.safetensors"

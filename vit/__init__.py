@@ -1,21 +1,33 @@
-"""vit: a Vision Transformer toolkit — model, Lightning training, checkpoint import and fine-tuning."""
+"""vit: a Vision Transformer toolkit for image tasks: the model, checkpoint import, Lightning training, frozen
+features and deployment.
+
+Layers (imports flow down only; ``tests/test_imports.py`` keeps it so):
+
+    commands/, training/cli.py   the `vit` command and `python train.py`
+    tasks/, features/, deploy/, training/   LightningModules per task, frozen-feature work, runners and export
+    data/, checkpoints/          the image pipeline and datamodules; weights from every source
+    models/                      ViTConfig -> VisionTransformer (plain nn.Modules, no Lightning, no I/O)
+    utils/                       atomic files, value ranges
+"""
 from .checkpoints import CheckpointError, export_state_dict, load_pretrained, save_pretrained
-from .config import ViTConfig
-from .factory import create_model
-from .model import VisionTransformer
-from .registry import list_models
+from .checkpoints.factory import create_model
+from .models.config import ViTConfig
+from .models.registry import list_models
+from .models.vision import VisionTransformer
 
 __all__ = ["VisionTransformer", "ViTConfig", "create_model", "list_models", "load_pretrained", "save_pretrained",
-           "export_state_dict", "CheckpointError", "ImageClassifier", "ImageDataModule"]
+           "export_state_dict", "CheckpointError", "ImageClassifier", "ImageDataModule", "Backbone", "create_runner"]
+
+# Lightning- and runtime-side names load on first use, so `import vit` for the model alone stays light.
+_LAZY = {"ImageClassifier": "vit.tasks.classification", "Backbone": "vit.tasks.backbone",
+         "ImageDataModule": "vit.data", "create_runner": "vit.deploy.runners"}
 
 
 def __getattr__(name: str):
-    # Lightning-side classes load on first use, so `import vit` for the model alone stays light.
-    if name == "ImageClassifier":
-        from .module import ImageClassifier
-        return ImageClassifier
-    if name == "ImageDataModule":
-        from .data import ImageDataModule
-        return ImageDataModule
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'vit' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"

@@ -18,13 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ViTConfig
-from ..files import atomic_path
-from ..model import VisionTransformer
-from ..pos_embed import resample_patch_kernel, resample_pos_embed
-from ..registry import model_config
-from . import deit3, dinov2, hf, npz, openclip, timm, torchvision
-from . import hf_clip, hf_dinov2, hf_siglip
+from ..models.config import ViTConfig
+from ..models.pos_embed import resample_patch_kernel, resample_pos_embed
+from ..models.registry import model_config
+from ..models.vision import VisionTransformer
+from ..utils.files import atomic_path
+from . import deit3, dinov2, hf, hf_clip, hf_dinov2, hf_siglip, npz, openclip, timm, torchvision
 from ._arch import _grid, architecture_of, infer_architecture
 from ._common import CheckpointError
 from ._read import RawCheckpoint, read

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from ..config import ViTConfig
-from ..model import VisionTransformer
+from ..models.config import ViTConfig
+from ..models.vision import VisionTransformer
 from ._common import CheckpointError
 
 
@@ -38,8 +38,9 @@ def _num_heads(embed_dim: int, hints: Mapping[str, Any], name: str) -> int:
     raise CheckpointError(
         f"{name}: the number of attention heads cannot be read from the weights (embed_dim {embed_dim} is not one "
         f"of the standard widths {', '.join(map(str, STANDARD_HEADS))}) and no config file records it. Pass it: "
-        f"vit.load_pretrained(..., model={{'num_heads': N}}), `python -m vit.convert SOURCE OUT --num-heads N`, "
-        f"`--model.num_heads N` with train.py's --model.pretrained, or the registered name of the architecture "
+        f"vit.load_pretrained(..., model={{'num_heads': N}}), `vit convert SOURCE OUT --num-heads N`, "
+        f"`--model.backbone.num_heads N` with train.py's --model.backbone.pretrained, or the registered name of the "
+        f"architecture "
         f"as model='NAME' (vit.list_models())")
 
 

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import ViTConfig
-from ..registry import MODELS
+from ..models.config import ViTConfig
+from ..models.registry import MODELS
 from ._common import CheckpointError
 
 # Hugging Face / timm names first; OpenCLIP's own files where a repository holds only those
@@ -198,7 +198,10 @@ def _unwrap(data: Any, name: str) -> tuple[dict[str, torch.Tensor], dict[str, An
 
 
 def _hparams_hints(hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """Architecture hints from our LightningModule's flat hyper-parameters (``arch`` name + overrides)."""
+    """Architecture hints from our task modules' hyper-parameters: ``backbone`` (``arch`` name + overrides), or
+    the same keys at the top level in checkpoints written before the backbone description existed."""
+    if isinstance(hparams.get("backbone"), Mapping):
+        hparams = hparams["backbone"]
     hints: dict[str, Any] = {}
     registered = MODELS.get(hparams["arch"]) if isinstance(hparams.get("arch"), str) else None
     if registered is not None:

@@ -3,7 +3,7 @@
 
 Files on the hub (and transformers' own ``save_pretrained``, also in v5) use the legacy names
 (``vit.encoder.layer.N.attention.attention.query``); transformers 5 renames them in memory
-(``vit.layers.N.attention.q_proj``). We read both and write the legacy names, which every transformers
+(``vit.models.layers.N.attention.q_proj``). We read both and write the legacy names, which every transformers
 version loads. HF keeps q, k and v apart; timm fuses them, in that order, into ``qkv``.
 HF ViT uses LayerNorm eps 1e-12 (read from ``config.json``) and exact GELU (``hidden_act="gelu"``).
 """

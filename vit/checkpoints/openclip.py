@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ..registry import MODELS
+from ..models.registry import MODELS
 from ._common import CheckpointError, rename
 
 log = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from ..config import TRAINING_FIELDS, field_names
-from ..registry import MODELS
+from ..models.config import TRAINING_FIELDS, field_names
+from ..models.registry import MODELS
 
 NAME = "timm"
 SIGNATURE = r"patch_embed\.proj\.weight"

@@ -1,5 +1,5 @@
 """Data: datasets, albumentations transforms and the Lightning data module."""
-from .datamodule import ImageDataModule
+from .classification import ImageDataModule
 from .images import BadImageError, load_image
 from .transforms import eval_transform, train_transform
 

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from ..files import atomic_path
+from ..utils.files import atomic_path
 from .images import BadImageError, load_image
 
 # The share of the memory available now that a cache may take: the rest is for the model, loader and OS.

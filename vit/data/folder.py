@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Sequence
 
 from torch.utils.data import Dataset
 
-from ..files import atomic_path
+from ..utils.files import atomic_path
 from .cache import DecodedImages, NodeShare
 from .images import IMAGE_EXTENSIONS, BadImageError, SkipLog, check_image, load_image
 from .sampling import seed_transform, split_index

@@ -1,4 +1,4 @@
-"""litdata shards (``data.dataset: streaming``): an image folder converted by ``python -m vit.data.convert`` into
+"""litdata shards (``data.dataset: streaming``): an image folder converted by ``vit shards`` into
 optimized chunks per split, read from a local folder or streamed from s3:// or gs:// through litdata's
 ``StreamingDataset`` (chunks cached under ``data.cache_dir``).
 
@@ -25,11 +25,10 @@ import torch
 from litdata import StreamingDataLoader, StreamingDataset
 
 from .hf import apply_transform, stream_seed
-from .images import SkipLog, decode_image
-from .images import BadImageError
+from .images import BadImageError, SkipLog, decode_image
 
 META_FILE = "vit_dataset.json"
-FORMAT = "vit.data.convert/1"
+FORMAT = "vit.data.convert/1"  # the name of the writer when the format was defined; kept so old shards read
 SPLITS = ("train", "val", "test")
 
 
@@ -57,11 +56,11 @@ def read_meta(root: str, storage_options: dict | None = None) -> dict:
         meta = json.loads(text)
     except FileNotFoundError:
         raise ShardError(f"data.root: {where} not found; data.dataset 'streaming' reads a folder written by "
-                         f"`python -m vit.data.convert SRC OUT` (was the conversion finished?)") from None
+                         f"`vit shards SRC OUT` (was the conversion finished?)") from None
     except (OSError, ValueError) as err:
         raise ShardError(f"data.root: cannot read {where}: {type(err).__name__}: {err}") from err
     if meta.get("format") != FORMAT or "train" not in meta.get("splits", {}):
-        raise ShardError(f"data.root: {where} is not the metadata of a `python -m vit.data.convert` folder "
+        raise ShardError(f"data.root: {where} is not the metadata of a `vit shards` folder "
                          f"(format {meta.get('format')!r}, expected {FORMAT!r})")
     return meta
 
@@ -74,7 +73,7 @@ def check_chunks(split_dir: Path) -> int:
         chunks = json.loads(index.read_text(encoding="utf-8"))["chunks"]
     except FileNotFoundError:
         raise ShardError(f"data.root: {index} is missing (the split was not converted completely; run "
-                         f"`python -m vit.data.convert` again)") from None
+                         f"`vit shards` again)") from None
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ShardError(f"data.root: {index} is damaged ({type(err).__name__}: {err}); convert again") from err
     for chunk in chunks:

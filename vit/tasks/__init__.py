@@ -1,21 +1,5 @@
-"""Work on frozen features: extract embeddings, classify with kNN or a linear probe, search similar images,
-compare backbones.
+"""One LightningModule per image task, each with its heads and metrics, all built on the same ``Backbone``
+description (architecture + overrides + pretrained source + freezing + layer decay).
 
-    extract_features(backbone, images) -> Features   (features.py: the .safetensors layout)
-    knn_classify(train_x, train_y, x)  -> labels     (DINO: cosine, k=20, T=0.07)
-    linear_probe(train_x, train_y)     -> LinearProbe (logistic regression, C tuned on the train split)
-    nearest(index, queries, k)         -> scores, rows
-    probe_backbone(source, train, val) -> ProbeResult (cached features, both evaluations, speed, size)
-
-Entry points: ``python -m vit.embed``, ``python -m vit.probe``, ``python -m vit.search``.
+    classification.py   ImageClassifier
 """
-from .backbone import load_backbone, pool_tokens
-from .compare import ProbeResult, probe_backbone
-from .extract import extract_features
-from .features import Features
-from .knn import knn_classify
-from .linear import LinearProbe, linear_probe
-from .search import nearest
-
-__all__ = ["Features", "LinearProbe", "ProbeResult", "extract_features", "knn_classify", "linear_probe",
-           "load_backbone", "nearest", "pool_tokens", "probe_backbone"]

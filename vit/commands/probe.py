@@ -1,11 +1,11 @@
 """Pick a backbone for your images: kNN and linear-probe top-1 on frozen features, speed and embedding size.
 
-    python -m vit.probe --data.root ROOT --backbone SRC [--backbone SRC2 ...] [--out probe/]
+    vit probe --data.root ROOT --backbone SRC [--backbone SRC2 ...] [--out probe/]
 
 ROOT is an image folder as for training (``root/train/<class>/...`` and ``root/val/...``, or ``root/<class>/...``
 split by ``--data.val_fraction`` and ``--data.seed``). Each SRC is anything ``vit.load_pretrained`` reads, a
 registered name (its pretrained weights) or ``random:SRC`` (SRC's shape with random weights, a baseline).
-Features are cached (see ``vit.tasks.cache``), so adding a backbone to the list only extracts the new one.
+Features are cached (see ``vit.features.cache``), so adding a backbone to the list only extracts the new one.
 Prints a table and writes ``probe.csv`` and ``probe.png`` to ``--out``.
 """
 from __future__ import annotations
@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .embed import add_extraction_arguments, check_extraction_arguments, one_line
+from ._common import CommandParser, one_line
+from .embed import add_extraction_arguments, check_extraction_arguments
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m vit.probe",
+    parser = CommandParser(prog="vit probe",
                                      description="Compare frozen backbones on an image folder: kNN and linear-probe "
                                                  "top-1, img/s, embedding size.")
     parser.add_argument("--data.root", dest="root", required=True, help="image folder: root/train/<class>/... and "
@@ -58,9 +59,9 @@ def main(args: list[str] | None = None) -> int:
         return 2
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    from .checkpoints import CheckpointError
-    from .data import ImageDataModule
-    from .tasks.compare import format_table, probe_backbone, write_report
+    from ..checkpoints import CheckpointError
+    from ..data import ImageDataModule
+    from ..features.compare import format_table, probe_backbone, write_report
     results = []
     try:
         data = ImageDataModule("imagefolder", root=options.root, val_fraction=options.val_fraction,
@@ -89,7 +90,3 @@ def main(args: list[str] | None = None) -> int:
     table, chart = write_report(results, options.out)
     print(f"wrote {table} and {chart}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,7 +11,7 @@ Backends (measured by ``benchmarks/inference.py``; README "Inference backends"):
 - ``compile``: ``torch.compile`` with inductor's weight freezing (weights folded in as constants, linear layers
   prepacked for oneDNN). fp32 only; batches smaller than the largest one seen are padded up to it, so a last
   partial batch does not trigger a recompile.
-- ``onnxruntime``: the model exported to ONNX (``export_onnx``, the path ``python -m vit.export`` writes; opset 23
+- ``onnxruntime``: the model exported to ONNX (``export_onnx``, the path ``vit export`` writes; opset 23
   with its fused Attention and Gelu ops where exporter and runtime have them, else 18) into a cache keyed by its
   weights (``default_cache_dir``), run by an ``InferenceSession`` with every graph optimisation and torch's
   thread count. int8: onnxruntime's dynamic quantisation of the MatMuls with constant weights.

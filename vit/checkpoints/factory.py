@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from .checkpoints import load_pretrained
-from .model import VisionTransformer
-from .registry import WEIGHTS, list_models, model_config
+from ..models.registry import WEIGHTS, list_models, model_config
+from ..models.vision import VisionTransformer
+from . import load_pretrained
 
 
 def create_model(name: str, pretrained: bool = False, **overrides: Any) -> VisionTransformer:
     """Build a registered architecture; keyword arguments override its ``ViTConfig`` (e.g. ``num_classes=10``).
 
-    With ``pretrained=True`` the weights named in ``vit.registry.WEIGHTS`` are loaded (through the Hugging Face
+    With ``pretrained=True`` the weights named in ``vit.models.registry.WEIGHTS`` are loaded (through the Hugging Face
     hub cache; see ``vit.load_pretrained``), or those of timm's tag in ``name.tag`` (``vit_base_patch16_224.mae``
     -> ``hf-hub:timm/vit_base_patch16_224.mae``). The checkpoint's head is kept unless ``num_classes`` is given;
     ``num_classes`` / ``img_size`` / ``patch_size`` overrides re-initialise the head or resample.

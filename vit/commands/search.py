@@ -1,6 +1,6 @@
-"""Similar images: the nearest entries of a feature index (from ``python -m vit.embed``) to a query image.
+"""Similar images: the nearest entries of a feature index (from ``vit embed``) to a query image.
 
-    python -m vit.search QUERY --index feats.safetensors [--k 8] [--out neighbours.png]
+    vit search QUERY --index feats.safetensors [--k 8] [--out neighbours.png]
 
 The query is embedded the way the index was (the backbone, pool, image size and normalisation recorded in the
 index file; ``--checkpoint`` if the backbone has moved), ranked by cosine similarity, printed and drawn as a grid.
@@ -9,41 +9,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from .embed import one_line
+from ._common import CommandParser, one_line
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m vit.search", description="Nearest images by cosine similarity.")
+    parser = CommandParser(prog="vit search", description="Nearest images by cosine similarity.")
     parser.add_argument("query", help="the query image")
-    parser.add_argument("--index", required=True, help="a feature file written by python -m vit.embed")
+    parser.add_argument("--index", required=True, help="a feature file written by vit embed")
     parser.add_argument("--k", type=int, default=8, help="how many neighbours (default 8)")
     parser.add_argument("--out", default="neighbours.png", help="the grid of neighbours (default neighbours.png)")
     parser.add_argument("--checkpoint", default=None,
                         help="the backbone, when it is no longer where the index says it was")
     return parser
-
-
-def embed_query(index_meta: dict, query: str, checkpoint: str | None = None):
-    """The query's embedding (1, D), made as the index's were (its source, pool, image size, mean/std, crop)."""
-    import torch
-
-    from .data import eval_transform, load_image
-    from .tasks.backbone import check_pool, load_backbone, pool_tokens
-    source = checkpoint or index_meta.get("source")
-    if not source:
-        raise ValueError("the index does not record its backbone; pass --checkpoint")
-    if not Path(query).is_file():
-        raise FileNotFoundError(f"{query}: no such image file")
-    model = load_backbone(source, index_meta.get("img_size"))
-    pool = index_meta.get("pool", "cls")
-    check_pool(model, pool)
-    transform = eval_transform(model.img_size, index_meta["mean"], index_meta["std"],
-                               crop_pct=index_meta.get("crop_pct") or 1.0)
-    image = transform(image=load_image(query, model.in_chans))["image"][None]
-    with torch.inference_mode():
-        return pool_tokens(model, model.forward_features(image), pool).float()
 
 
 def main(args: list[str] | None = None) -> int:
@@ -57,9 +35,9 @@ def main(args: list[str] | None = None) -> int:
     if options.k < 1:
         print(f"error: --k: expected a positive integer, got {options.k}", file=sys.stderr)
         return 2
-    from .checkpoints import CheckpointError
-    from .tasks import Features, nearest
-    from .tasks.search import plot_neighbours
+    from ..checkpoints import CheckpointError
+    from ..features import Features, nearest
+    from ..features.search import embed_query, plot_neighbours
     try:
         index = Features.load(options.index)
         if index.features.ndim != 2:
@@ -81,7 +59,3 @@ def main(args: list[str] | None = None) -> int:
     out = plot_neighbours(options.query, paths, scores[0].tolist(), options.out)
     print(f"wrote {out}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

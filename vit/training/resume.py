@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from .files import atomic_path
+from ..utils.files import atomic_path
 
 
 class LastCheckpoint(ModelCheckpoint):

@@ -1,16 +1,19 @@
 """Training CLI: LightningCLI over ImageClassifier + ImageDataModule, with the default recipe built in."""
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import platform
 import sys
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, get_type_hints
 
 import torch
+import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
@@ -19,11 +22,13 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
-from .data import ImageDataModule
-from .module import ImageClassifier
-from .resume import AtomicCheckpointIO, LastCheckpoint, ResumeState, SaveOnSignal, TrainingInterrupted, find_last_checkpoint
+from ..data import ImageDataModule
+from ..tasks.backbone import OVERRIDE_FIELDS
+from ..tasks.classification import ImageClassifier
+from .resume import (AtomicCheckpointIO, LastCheckpoint, ResumeState, SaveOnSignal, TrainingInterrupted,
+                     find_last_checkpoint)
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "digits.yaml"
 DEFAULT_ROOT = "runs"  # trainer.default_root_dir unless given: logs, checkpoints, config.yaml, --ckpt_path last
 RUN_NAME = "vit"  # runs are <root>/vit/version_N
 
@@ -36,8 +41,8 @@ class VitCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
-        parser.link_arguments("data.img_size", "model.img_size")
-        parser.link_arguments("data.in_chans", "model.in_chans")
+        parser.link_arguments("data.img_size", "model.backbone.img_size")
+        parser.link_arguments("data.in_chans", "model.backbone.in_chans")
 
     def _subcommand_config(self, config):
         """The running subcommand's part of a parsed config (the whole config when there is no subcommand)."""
@@ -59,7 +64,7 @@ class VitCLI(LightningCLI):
             if config["data"].get(key) is None and len(cfg[key]) in (1, data.in_chans):
                 values = tuple(float(v) for v in cfg[key]) * (data.in_chans // len(cfg[key]))
                 setattr(data, key, values)
-                data.hparams[key] = list(values)  # recorded in the .ckpt, so vit.predict normalises the same way
+                data.hparams[key] = list(values)  # recorded in the .ckpt, so vit predict normalises the same way
                 config["data"][key] = list(values)  # and in the run's config.yaml
 
     def before_instantiate_classes(self) -> None:
@@ -84,6 +89,7 @@ class VitCLI(LightningCLI):
         return super()._run_subcommand(subcommand)
 
     def parse_arguments(self, parser, args) -> None:
+        check_moved_keys(args)
         # Lightning warns when `args` and sys.argv are both given; main() builds `args` from sys.argv itself (the
         # default run puts `fit --config digits.yaml` in front), so that caution does not apply here.
         self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
@@ -106,6 +112,53 @@ class VitCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs.setdefault("plugins", [*plugins, AtomicCheckpointIO()])  # a kill never leaves half a last.ckpt
         return super().instantiate_trainer(**kwargs)
+
+
+# Keys that moved from model.* to model.backbone.* when every task came to share one backbone description.
+MOVED_TO_BACKBONE = ("arch", "pretrained", "freeze", "layer_decay", "grad_checkpointing", *OVERRIDE_FIELDS)
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def check_moved_keys(args) -> None:
+    """A clear error for the flat architecture keys of earlier recipes (``model.embed_dim``), naming the new
+    ones (``model.backbone.embed_dim``), whether they come from the command line or a ``--config`` file.
+
+    Example:
+        >>> check_moved_keys(["fit", "--model.embed_dim", "64", "--model.lr", "0.01"])
+        Traceback (most recent call last):
+        ...
+        ValueError: model.embed_dim moved to model.backbone.embed_dim (on the command line) ...; see configs/digits.yaml)
+    """
+    found: list[tuple[str, str]] = []  # (key, where)
+
+    def scan(config, where: str) -> None:
+        if not isinstance(config, Mapping):
+            return
+        model = config.get("model")
+        if isinstance(model, Mapping):
+            found.extend((key, where) for key in model if key in MOVED_TO_BACKBONE)
+        for sub in SUBCOMMANDS:
+            scan(config.get(sub), where)
+
+    if isinstance(args, (Mapping, Namespace)):
+        scan(args.as_dict() if isinstance(args, Namespace) else args, "in the configuration")
+    else:
+        args = list(args or [])
+        for i, arg in enumerate(args):
+            key = arg[len("--model."):].split("=")[0] if arg.startswith("--model.") else None
+            if key in MOVED_TO_BACKBONE:
+                found.append((key, "on the command line"))
+            path = args[i + 1] if arg in ("--config", "-c") and i + 1 < len(args) else \
+                arg.split("=", 1)[1] if arg.startswith("--config=") else None
+            if path and Path(path).is_file():
+                try:
+                    scan(yaml.safe_load(Path(path).read_text(encoding="utf-8")), f"in {path}")
+                except yaml.YAMLError:
+                    pass  # jsonargparse reports a broken file itself
+    if found:
+        moved = "; ".join(f"model.{key} moved to model.backbone.{key} ({where})" for key, where in found)
+        raise ValueError(f"{moved} (every task takes the same backbone description: architecture, pretrained "
+                         f"weights, freezing, layer decay; see configs/digits.yaml)")
 
 
 def trainer_defaults() -> dict:
@@ -261,6 +314,16 @@ def _ignore_library_notices() -> None:
     other warning still shows (idempotent: ``warnings`` keeps one copy of a filter)."""
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
+    # Lightning 2.6 advertises a cloud logger on every Trainer it builds; that line tells a user nothing about
+    # their run. Only that message is dropped: every other line of Lightning's log still shows.
+    rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropAdvertisement) for f in rank_zero_log.filters):
+        rank_zero_log.addFilter(_DropAdvertisement())
+
+
+class _DropAdvertisement(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg).lower()
 
 
 def main(args: list[str] | None = None) -> VitCLI | None:
@@ -288,9 +351,9 @@ def _clean_error(err: Exception) -> str | None:
     """The message to show for an expected failure, or None for a bug (which keeps its traceback)."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    from .checkpoints import CheckpointError
-    from .data.images import BadImageError
-    from .module import ClassMismatchError, NonFiniteLossError
+    from ..checkpoints import CheckpointError
+    from ..data.images import BadImageError
+    from ..tasks.classification import ClassMismatchError, NonFiniteLossError
     known = (BadImageError, NonFiniteLossError, ClassMismatchError, CheckpointError, TrainingInterrupted)
     text = str(err)
     if isinstance(err, pickle.UnpicklingError):  # torch.load(weights_only=True) met a pickled object

@@ -1,6 +1,6 @@
 """Convert any supported checkpoint to our directory layout (config.json + model.safetensors).
 
-    python -m vit.convert SOURCE OUTPUT_DIR [--img-size N] [--num-classes N] [--num-heads N] [--act-layer ACT]
+    vit convert SOURCE OUTPUT_DIR [--img-size N] [--num-classes N] [--num-heads N] [--act-layer ACT]
 
 SOURCE is a file, a directory, ``hf-hub:ORG/REPO`` or ``timm:model.tag``. It prints what it detected.
 """
@@ -10,13 +10,14 @@ import argparse
 import logging
 import sys
 
-from .checkpoints import CheckpointError, architecture_of, load_pretrained, save_pretrained
-from .config import ViTConfig
+from ..checkpoints import CheckpointError, architecture_of, load_pretrained, save_pretrained
+from ..models.config import ViTConfig
+from ._common import CommandParser
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m vit.convert",
+    parser = CommandParser(
+        prog="vit convert",
         description="Convert timm / DeiT / torchvision / Hugging Face / Google .npz / Lightning weights "
                     "to config.json + model.safetensors.")
     parser.add_argument("source", help="a file, a directory, hf-hub:ORG/REPO or timm:model.tag")
@@ -70,7 +71,3 @@ def main(args: list[str] | None = None) -> int:
     print(f"normalisation: mean={cfg['mean']} std={cfg['std']} interpolation={cfg['interpolation']}")
     print(f"wrote: {out / 'config.json'}, {out / 'model.safetensors'}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

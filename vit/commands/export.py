@@ -1,14 +1,4 @@
-"""Export a trained model for deployment: ONNX (dynamic batch) and/or ``torch.export`` (``.pt2``).
-
-    python -m vit.export CHECKPOINT --onnx model.onnx [--quantize int8] [--pt2 model.pt2] [--opset 18]
-
-CHECKPOINT is anything ``vit.load_pretrained`` reads. The ONNX file takes ``images`` (B, C, H, W), normalised
-as the checkpoint's ``pretrained_cfg`` says, and returns ``logits`` (B, num_classes). When onnxruntime is
-installed the export is checked against PyTorch (max |difference| printed; over 1e-4 is an error).
-``--quantize int8`` writes onnxruntime's dynamic int8 quantisation of it instead (``vit.inference.quantize_onnx``),
-checked against the fp32 PyTorch model: top-1 agreement and max |logit difference| printed, agreement under
-``--min-agreement`` is an error. The check runs on ``--check-images`` when given, else on seeded noise.
-"""
+"""``vit export``: a checkpoint to ONNX (fp32 or int8) and/or a torch.export program, checked against PyTorch."""
 from __future__ import annotations
 
 import argparse
@@ -19,51 +9,16 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import CheckpointError
-from .inference import export_onnx, onnx_session, quantize_onnx, top1_agreement
-from .model import VisionTransformer
-from .predict import load_model, one_line, preprocess
-
-
-def _example(model: VisionTransformer, batch: int = 2) -> torch.Tensor:
-    return torch.randn(batch, model.in_chans, *model.img_size, generator=torch.Generator().manual_seed(0))
-
-
-def compare_onnx(model: VisionTransformer, path: str | Path, images: torch.Tensor | None = None
-                 ) -> tuple[float, float] | None:
-    """(max |ONNX Runtime - PyTorch| logit difference, top-1 agreement) on ``images`` (default: 3 seeded noise
-    images, a batch size other than the export's); None without onnxruntime."""
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return None
-    x = _example(model, 3) if images is None else images
-    (got,) = onnx_session(path).run(["logits"], {"images": x.numpy()})
-    with torch.no_grad():
-        want = model.eval()(x)
-    got = torch.from_numpy(got)
-    return float((got - want).abs().max()), top1_agreement(got, want)
-
-
-def check_onnx(model: VisionTransformer, path: str | Path, batch: int = 3) -> float | None:
-    """Max |ONNX Runtime - PyTorch| on random input of a batch size other than the export's; None without
-    onnxruntime."""
-    compared = compare_onnx(model, path, _example(model, batch))
-    return None if compared is None else compared[0]
-
-
-def export_program(model: VisionTransformer, path: str | Path) -> Path:
-    """``torch.export`` program with a dynamic batch; reload with ``torch.export.load(path).module()``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    program = torch.export.export(model.eval(), (_example(model),), dynamic_shapes={"x": {0: batch}})
-    torch.export.save(program, str(path))
-    return path
+from ..checkpoints import CheckpointError
+from ..deploy.export import _example, check_onnx, compare_onnx, export_program
+from ..deploy.predict import load_model, preprocess
+from ..deploy.runners import export_onnx, quantize_onnx
+from ..models.vision import VisionTransformer
+from ._common import CommandParser, one_line
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m vit.export", description="Export a model to ONNX / torch.export.")
+    parser = CommandParser(prog="vit export", description="Export a model to ONNX / torch.export.")
     parser.add_argument("checkpoint", help="our .ckpt, a save_pretrained directory, or any source vit.load_pretrained reads")
     parser.add_argument("--onnx", help="ONNX file to write (dynamic batch)")
     parser.add_argument("--pt2", help="torch.export program to write (.pt2, dynamic batch)")
@@ -146,7 +101,3 @@ def _export_int8(model: VisionTransformer, path: Path, options: argparse.Namespa
     print(f"wrote {path} (int8; top-1 agreement with fp32 PyTorch {agreement:.1%} on {what}, "
           f"max |logit diff| {diff:.3g})")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

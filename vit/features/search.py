@@ -53,3 +53,24 @@ def plot_neighbours(query: str | os.PathLike, paths: Sequence[str], scores: Sequ
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     return out
+
+
+def embed_query(index_meta: dict, query: str, checkpoint: str | None = None):
+    """The query's embedding (1, D), made as the index's were (its source, pool, image size, mean/std, crop)."""
+    import torch
+
+    from ..data import eval_transform, load_image
+    from .backbone import check_pool, load_backbone, pool_tokens
+    source = checkpoint or index_meta.get("source")
+    if not source:
+        raise ValueError("the index does not record its backbone; pass --checkpoint")
+    if not Path(query).is_file():
+        raise FileNotFoundError(f"{query}: no such image file")
+    model = load_backbone(source, index_meta.get("img_size"))
+    pool = index_meta.get("pool", "cls")
+    check_pool(model, pool)
+    transform = eval_transform(model.img_size, index_meta["mean"], index_meta["std"],
+                               crop_pct=index_meta.get("crop_pct") or 1.0)
+    image = transform(image=load_image(query, model.in_chans))["image"][None]
+    with torch.inference_mode():
+        return pool_tokens(model, model.forward_features(image), pool).float()

@@ -68,7 +68,7 @@ class Features:
         """Write the file described in this module's docstring (to a temporary name, then renamed)."""
         from safetensors.torch import save_file
 
-        from ..files import atomic_path
+        from ..utils.files import atomic_path
         tensors = {"features": self.features.detach().float().cpu().contiguous(), "paths": encode_paths(self.paths)}
         if self.labels is not None:
             tensors["labels"] = self.labels.detach().long().cpu().contiguous()
@@ -82,7 +82,7 @@ class Features:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Features":
-        """Read a file written by ``save`` (or ``python -m vit.embed``); anything else raises ``ValueError``
+        """Read a file written by ``save`` (or ``vit embed``); anything else raises ``ValueError``
         naming the file."""
         from safetensors import safe_open
         path = Path(path)
@@ -99,7 +99,7 @@ class Features:
                 features, paths = f.get_tensor("features"), decode_paths(f.get_tensor("paths"))
                 labels = f.get_tensor("labels") if "labels" in keys else None
         except Exception as error:  # safetensors raises its own types on garbage
-            raise ValueError(f"{path}: not a feature file written by vit.embed ({error})") from None
+            raise ValueError(f"{path}: not a feature file written by vit embed ({error})") from None
         class_names, skipped = metadata.pop("class_names", None), metadata.pop("skipped", None) or []
         return cls(features, paths, labels, class_names, metadata, [tuple(item) for item in skipped])
 

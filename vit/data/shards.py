@@ -1,6 +1,6 @@
 """Convert an image folder to litdata chunks for ``data.dataset: streaming``.
 
-    python -m vit.data.convert SRC OUT [--chunk-bytes 64MB] [--workers N] [--seed 0] [--on-bad-image skip|error]
+    vit shards SRC OUT [--chunk-bytes 64MB] [--workers N] [--seed 0] [--on-bad-image skip|error]
 
 SRC is ``SRC/train/<class>/...`` with optional ``SRC/val/...`` and ``SRC/test/...`` (the class folders of train
 name the classes). Each split becomes ``OUT/<split>/`` (litdata's ``index.json`` + ``chunk-*.bin``), holding every
@@ -15,7 +15,6 @@ keeps the finished splits, redoes the interrupted one from its start, and never 
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import atomic_path
+from ..utils.files import atomic_path
 from .folder import find_classes, scan_image_folder
 from .streaming import FORMAT, META_FILE, SPLITS
 
@@ -111,30 +110,3 @@ def _report(src: Path, out: Path, skipped: list[tuple[str, str]], classes: list[
     empty = [name for name, n in zip(classes, counts) if n == 0]
     if empty:
         warnings.warn(f"convert: class folder(s) {empty} have no usable training images", stacklevel=3)
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m vit.data.convert",
-                                     description="Convert an image folder to litdata chunks for "
-                                                 "data.dataset: streaming.")
-    parser.add_argument("src", help="image folder: SRC/train/<class>/..., optional SRC/val/ and SRC/test/")
-    parser.add_argument("out", help="output folder (local)")
-    parser.add_argument("--chunk-bytes", default="64MB", help="target size of a chunk file (default 64MB)")
-    parser.add_argument("--workers", type=int, default=None, help="writer processes (default: one per CPU)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle before writing (default 0)")
-    parser.add_argument("--on-bad-image", default="skip", choices=["skip", "error"],
-                        help="unusable files: skip (warn, list in OUT/skipped_images.tsv) or error")
-    return parser
-
-
-def main(args: list[str] | None = None) -> dict:
-    options = _parser().parse_args(args)
-    meta = convert(options.src, options.out, chunk_bytes=options.chunk_bytes, workers=options.workers,
-                   seed=options.seed, on_bad_image=options.on_bad_image)
-    counts = ", ".join(f"{split} {info['count']}" for split, info in meta["splits"].items())
-    print(f"wrote {options.out}: {len(meta['classes'])} classes; {counts}", file=sys.stdout)
-    return meta
-
-
-if __name__ == "__main__":
-    main()

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from jsonargparse.typing import (ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, OpenUnitInterval,
-                                 PositiveFloat, PositiveInt, restricted_number_type)
+from jsonargparse.typing import (ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, OpenUnitInterval, PositiveFloat,
+                                  PositiveInt, restricted_number_type)
 
 Fraction = restricted_number_type("Fraction", float, [(">=", 0), ("<", 1)])  # [0, 1)
 DecayFactor = restricted_number_type("DecayFactor", float, [(">", 0), ("<=", 1)])  # (0, 1]

@@ -95,7 +95,7 @@ def _speed(*parts: Features) -> float | None:
 
 
 def format_table(results: Sequence[ProbeResult]) -> str:
-    """The results as a Markdown table (what ``python -m vit.probe`` prints).
+    """The results as a Markdown table (what ``vit probe`` prints).
 
     Example:
         >>> print(format_table([ProbeResult("a.ckpt", 0.97, 0.96, 1234.5, 128, 1.0, False, 100, 50)]))

@@ -1,11 +1,11 @@
 """Embeddings of a folder, a list or a single image, written with their paths (and labels) to one file.
 
-    python -m vit.embed IMAGES... --checkpoint SRC --out feats.safetensors [--pool cls|avg|map|tokens]
+    vit embed IMAGES... --checkpoint SRC --out feats.safetensors [--pool cls|avg|map|tokens]
                         [--img-size N] [--batch-size B] [--devices N]
 
 SRC is anything ``vit.load_pretrained`` reads, a registered name (its pretrained weights) or ``random:SRC``.
 A folder of class sub-folders (``root/<class>/...``) also stores labels and class names. The file layout is in
-``vit.tasks.features``; read it back with ``vit.tasks.Features.load``. Runs through ``Trainer.predict``: with
+``vit.features.features``; read it back with ``vit.features.Features.load``. Runs through ``Trainer.predict``: with
 ``--devices N`` each process embeds its share and writes its part, and the first merges them.
 """
 from __future__ import annotations
@@ -14,11 +14,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from .tasks.features import POOLS
+from ..features.features import POOLS
+from ._common import CommandParser, one_line
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m vit.embed",
+    parser = CommandParser(prog="vit embed",
                                      description="Embeddings of images by a frozen backbone, to a .safetensors file.")
     parser.add_argument("images", nargs="+", help="image folder(s) (folder/<class>/... gives labels), image files, "
                                                   "or .txt lists of paths")
@@ -34,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def add_extraction_arguments(parser: argparse.ArgumentParser, pools=POOLS) -> None:
-    """Options ``vit.embed`` and ``vit.probe`` share."""
+    """Options ``vit embed`` and ``vit probe`` share."""
     parser.add_argument("--pool", default="cls", choices=pools,
                         help="cls: class token (the model's own pooling without one); avg: mean of the patch tokens; "
                              "map: attention pool" + ("; tokens: every patch token (N, T, D)" if "tokens" in pools
@@ -67,10 +68,6 @@ def check_extraction_arguments(options: argparse.Namespace) -> str | None:
     return None
 
 
-def one_line(error: BaseException) -> str:
-    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip()).replace(":; ", ": ")
-
-
 def main(args: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 2 for a bad backbone, image or argument).
 
@@ -87,8 +84,8 @@ def main(args: list[str] | None = None) -> int:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.utilities import rank_zero_only
 
-    from .checkpoints import CheckpointError
-    from .tasks import extract_features
+    from ..checkpoints import CheckpointError
+    from ..features import extract_features
     try:
         result = extract_features(options.checkpoint, options.images, pool=options.pool, img_size=options.img_size,
                                   mean=options.mean, std=options.std, crop_pct=options.crop_pct,
@@ -115,7 +112,3 @@ def main(args: list[str] | None = None) -> int:
     print(f"wrote {len(result)} embeddings of shape {tuple(result.features.shape[1:])} ({result.meta['pool']}{labels}) "
           f"to {out}{skipped}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

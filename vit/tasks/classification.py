@@ -1,9 +1,8 @@
 """ImageClassifier: the LightningModule that trains a VisionTransformer."""
 from __future__ import annotations
 
-import inspect
 import time
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -13,68 +12,34 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score,
                                          MulticlassPrecision, MulticlassRecall)
 
-from .checkpoints import load_pretrained
-from .config import ViTConfig, field_names
-from .model import VisionTransformer
-from .optim import TimeBudgetCosine, param_groups, warmup_cosine
-from .ranges import (ClosedUnitInterval, DecayFactor, Fraction, NonNegativeFloat, OpenUnitInterval, PositiveFloat,
-                     plain, range_problems)
-from .registry import model_config
-
+from ..training.optim import TimeBudgetCosine, param_groups, warmup_cosine
+from ..utils.ranges import (ClosedUnitInterval, Fraction, NonNegativeFloat, OpenUnitInterval, PositiveFloat, plain,
+                            range_problems)
+from .backbone import OVERRIDE_FIELDS, Backbone, freeze_layers  # noqa: F401  (freeze_layers: re-exported)
 
 
 class ImageClassifier(L.LightningModule):
     """Train a ViT classifier: cross-entropy with label smoothing, AdamW (no decay on embeddings, norms,
     biases), linear warm-up + cosine decay per step, top-1/top-5 accuracy.
 
-    The architecture is a registered name (``arch``) and/or explicit hyper-parameters; explicit values win.
-    Fine-tuning: ``pretrained`` (anything ``vit.load_pretrained`` accepts; head re-initialised for
-    ``num_classes``, position embeddings resampled to ``img_size``), ``layer_decay``, ``freeze``
-    (``"none"``, ``"backbone"`` = train the head only, or N = freeze embeddings + the first N blocks),
-    Mixup/CutMix (``mixup_alpha``, ``cutmix_alpha``, ``mix_prob``, ``switch_prob``; soft-target loss) and
-    ``ema_decay`` (EMA weights are validated, tested and checkpointed; raw ones kept for resuming).
+    The network is described by ``backbone`` (``model.backbone.*`` in a recipe: architecture name, any
+    ``ViTConfig`` override, pretrained source, freezing, layer decay); this module adds the head of
+    ``num_classes`` outputs and everything about training it. Fine-tuning extras: Mixup/CutMix
+    (``mixup_alpha``, ``cutmix_alpha``, ``mix_prob``, ``switch_prob``; soft-target loss) and ``ema_decay`` (EMA
+    weights are validated, tested and checkpointed; raw ones kept for resuming).
 
     Args:
-        arch: registered architecture to start from (see vit.list_models()); None = VisionTransformer's defaults.
+        backbone: the ViT: ``arch``, ``pretrained``, ``freeze``, ``layer_decay``, ``grad_checkpointing`` and any
+            ``ViTConfig`` field (``embed_dim``, ``depth``, ``img_size`` ...); see ``vit.tasks.backbone.Backbone``.
         num_classes: number of classes of the head (the CLI links it from data.num_classes).
-        img_size: input image size (the CLI links it from data.img_size); None = the architecture's.
-        patch_size: side of the square patches; None = the architecture's.
-        in_chans: number of input image channels (the CLI links it from data.in_chans).
-        embed_dim: token width; None = the architecture's.
-        depth: number of transformer blocks; None = the architecture's.
-        num_heads: attention heads per block (must divide embed_dim); None = the architecture's.
-        mlp_ratio: hidden width of each block's MLP as a multiple of embed_dim; None = the architecture's.
-        qkv_bias: give the query/key/value projection a bias; None = the architecture's.
-        drop_rate: dropout after the position embeddings, on each block's attention and MLP output, before the head.
-        attn_drop_rate: dropout on the attention weights.
-        drop_path_rate: stochastic depth of the last block, rising linearly from 0 at the first block.
-        global_pool: what the head reads: "token" (class token), "avg" (mean of patch tokens), "map" (attention
-            pooling, SigLIP) or "" (all tokens); None = the architecture's.
-        class_token: prepend a learned class token; None = the architecture's.
-        fc_norm: final LayerNorm after pooling instead of on all tokens; None = the architecture's (timm's rule).
-        norm_eps: epsilon of every LayerNorm; None = the architecture's.
-        dynamic_img_size: accept any input size, resampling position embeddings per call; None = the arch's.
-        init_values: LayerScale start value (DINOv2 1e-5, DeiT III 1e-6); None = the architecture's.
-        reg_tokens: register tokens after the class token (DINOv2 reg4: 4); None = the architecture's.
-        no_embed_class: position embeddings for the patches only (DeiT III, DINOv2 reg); None = the arch's.
-        pre_norm: LayerNorm after the position embedding, no patch bias (CLIP); None = the architecture's.
-        final_norm: the final LayerNorm at all; None = the architecture's.
-        act_layer: MLP activation: gelu, gelu_tanh (SigLIP), quick_gelu (OpenAI CLIP), silu; None = the arch's.
-        mlp_layer: "mlp" or "swiglu" (DINOv2 giant); None = the architecture's.
-        embed_layer: "conv" or "spt" (Shifted Patch Tokenization, for small datasets); None = the architecture's.
-        attn_layer: "mha" or "lsa" (Locality Self-Attention, for small datasets); None = the architecture's.
         class_names: class names saved in checkpoints for prediction (the CLI links them from data.class_names).
-        lr: peak AdamW learning rate, reached after the warm-up (scaled per layer by layer_decay).
+        lr: peak AdamW learning rate, reached after the warm-up (scaled per layer by backbone.layer_decay).
         weight_decay: AdamW weight decay; never applied to position embeddings, class token, norms and biases.
         betas: AdamW's (beta1, beta2).
         warmup_epochs: epochs of linear learning-rate warm-up (fractions allowed; at most half of training).
         min_lr_ratio: learning rate at the end of the cosine decay, as a fraction of lr.
         label_smoothing: label smoothing of the cross-entropy (and of the Mixup/CutMix targets).
-        layer_decay: layer-wise LR decay: the head gets lr, each layer below it this factor more; None = off.
-        grad_checkpointing: recompute block activations in backward: less memory, about a third more compute.
         compile: torch.compile the model (in place, so checkpoint keys do not change).
-        pretrained: weights to fine-tune (anything vit.load_pretrained reads: file, directory, hf-hub:/timm: name).
-        freeze: "none", "backbone" (train the head only: linear probe) or N (freeze embeddings + the first N blocks).
         mixup_alpha: Mixup's Beta(alpha, alpha) parameter; 0 = no Mixup.
         cutmix_alpha: CutMix's Beta(alpha, alpha) parameter; 0 = no CutMix.
         mix_prob: probability of mixing a batch when mixup_alpha or cutmix_alpha is > 0.
@@ -86,60 +51,48 @@ class ImageClassifier(L.LightningModule):
             trainer.max_epochs -1.
 
     Example:
-        >>> module = ImageClassifier(arch="vit_tiny_patch16_224", num_classes=10, img_size=32, depth=2)
+        >>> module = ImageClassifier(Backbone(arch="vit_tiny_patch16_224", img_size=32, depth=2), num_classes=10)
         >>> module.model.embed_dim, module.model.num_classes
         (192, 10)
     """
 
-    def __init__(self, arch: str | None = None, num_classes: int = 1000, img_size: int | None = None,
-                 patch_size: int | None = None, in_chans: int = 3, embed_dim: int | None = None,
-                 depth: int | None = None, num_heads: int | None = None, mlp_ratio: float | None = None,
-                 qkv_bias: bool | None = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, global_pool: Literal["token", "avg", "map", ""] | None = None,
-                 class_token: bool | None = None, fc_norm: bool | None = None, norm_eps: float | None = None,
-                 dynamic_img_size: bool | None = None, init_values: float | None = None,
-                 reg_tokens: int | None = None, no_embed_class: bool | None = None, pre_norm: bool | None = None,
-                 final_norm: bool | None = None,
-                 act_layer: Literal["gelu", "gelu_tanh", "quick_gelu", "silu"] | None = None,
-                 mlp_layer: Literal["mlp", "swiglu"] | None = None, embed_layer: Literal["conv", "spt"] | None = None,
-                 attn_layer: Literal["mha", "lsa"] | None = None, class_names: list[str] | None = None,
+    def __init__(self, backbone: Backbone = Backbone(), num_classes: int = 1000, class_names: list[str] | None = None,
                  lr: PositiveFloat = 1e-3, weight_decay: NonNegativeFloat = 0.05,
                  betas: tuple[float, float] = (0.9, 0.999), warmup_epochs: NonNegativeFloat = 1.0,
-                 min_lr_ratio: Fraction = 0.01, label_smoothing: Fraction = 0.1,
-                 layer_decay: DecayFactor | None = None, grad_checkpointing: bool = False, compile: bool = False,
-                 pretrained: str | None = None, freeze: Union[int, Literal["none", "backbone"]] = "none",
+                 min_lr_ratio: Fraction = 0.01, label_smoothing: Fraction = 0.1, compile: bool = False,
                  mixup_alpha: NonNegativeFloat = 0.0, cutmix_alpha: NonNegativeFloat = 0.0,
                  mix_prob: ClosedUnitInterval = 1.0, switch_prob: ClosedUnitInterval = 0.5,
                  ema_decay: OpenUnitInterval | None = None,
                  nonfinite_loss: Literal["error", "skip"] = "error", schedule: Literal["epochs", "budget"] = "epochs"):
         super().__init__()
-        (lr, weight_decay, warmup_epochs, min_lr_ratio, label_smoothing, layer_decay, mixup_alpha, cutmix_alpha,
-         mix_prob, switch_prob, ema_decay) = plain(lr, weight_decay, warmup_epochs, min_lr_ratio, label_smoothing,
-                                                   layer_decay, mixup_alpha, cutmix_alpha, mix_prob, switch_prob,
-                                                   ema_decay)
+        (lr, weight_decay, warmup_epochs, min_lr_ratio, label_smoothing, mixup_alpha, cutmix_alpha, mix_prob,
+         switch_prob, ema_decay) = plain(lr, weight_decay, warmup_epochs, min_lr_ratio, label_smoothing, mixup_alpha,
+                                         cutmix_alpha, mix_prob, switch_prob, ema_decay)
+        self.backbone = Backbone.from_value(backbone)
+        backbone = self.backbone.as_dict()  # checkpoints hold plain values (they are read with weights_only=True)
         self.save_hyperparameters()  # reads the (now plain) arguments from this frame
         _check_training_args(lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-                             min_lr_ratio=min_lr_ratio, label_smoothing=label_smoothing, layer_decay=layer_decay,
-                             nonfinite_loss=nonfinite_loss)
-        _check_finetune_args(freeze=freeze, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, mix_prob=mix_prob,
+                             min_lr_ratio=min_lr_ratio, label_smoothing=label_smoothing, nonfinite_loss=nonfinite_loss)
+        _check_finetune_args(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, mix_prob=mix_prob,
                              switch_prob=switch_prob, ema_decay=ema_decay)
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"model.class_names has {len(class_names)} names but model.num_classes is {num_classes}")
         self.nonfinite_skipped = 0  # batches skipped for a NaN/inf loss (model.nonfinite_loss: skip)
         self._validation_seconds = 0.0  # the last validation's duration (model.schedule: budget keeps room for it)
         self.class_names = list(class_names) if class_names is not None else None
-        # Loaded here, never in on_fit_start: a resumed .ckpt is restored after __init__ and must win.
-        self.model = build_pretrained(self.hparams) if pretrained else build_model(self.hparams)
-        self.model.set_grad_checkpointing(grad_checkpointing)
-        freeze_layers(self.model, freeze)
+        # Built (and pretrained weights read) here, never in on_fit_start: a resumed .ckpt is restored after
+        # __init__ and must win.
+        self.model = self.backbone.build(num_classes)
         self.mixup = _mixup(self.hparams)
+        # Lightning's model summary runs this once through the model, so its FLOPs column counts (not zeros)
+        self.example_input_array = torch.zeros(1, self.model.in_chans, *self.model.img_size)
         top_k = min(5, num_classes)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
-        # read by vit.callbacks.TestReport (confusion matrix PNG, per-class CSV)
+        # read by vit.training.callbacks.TestReport (confusion matrix PNG, per-class CSV)
         self.test_confmat = MulticlassConfusionMatrix(num_classes)
         self.test_per_class = MetricCollection({
             "precision": MulticlassPrecision(num_classes, average=None),
@@ -196,7 +149,7 @@ class ImageClassifier(L.LightningModule):
     # ---- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        groups = param_groups(self.model, hp.weight_decay, hp.layer_decay)
+        groups = param_groups(self.model, hp.weight_decay, self.backbone.layer_decay)
         for group in groups:
             group["lr"] = hp.lr * group["lr_scale"]
             group.pop("names")
@@ -245,7 +198,7 @@ class ImageClassifier(L.LightningModule):
     def configure_callbacks(self):
         from lightning.pytorch.callbacks import EMAWeightAveraging
 
-        from .callbacks import PredictionWriter, TestReport
+        from ..training.callbacks import PredictionWriter, TestReport
         stage = getattr(self.trainer.state.fn, "value", self.trainer.state.fn)  # TrainerFn -> 'fit'
         wanted = {"test": TestReport, "predict": PredictionWriter}
         if self.hparams.ema_decay:
@@ -295,17 +248,12 @@ class ImageClassifier(L.LightningModule):
         checkpoint["class_names"] = self.class_names
         checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
         hparams = checkpoint.get("hyper_parameters")
-        if hparams is not None and hparams.get("pretrained"):
+        if hparams is not None and (hparams.get("backbone") or {}).get("pretrained"):
             # The weights are in the checkpoint: record the loaded architecture instead of the source, so
             # load_from_checkpoint(path) works where the pretrained file is not.
             arch = self.model.config.to_dict()
-            hparams.update(pretrained=None, arch=None, **{k: arch[k] for k in ARCH_KEYS})
-
-
-# The architecture fields ImageClassifier takes (all of ViTConfig's but distilled: DeiT distillation needs a
-# teacher, which this module does not train with); tests/test_module.py checks none is left out by accident.
-ARCH_KEYS = tuple(k for k in field_names()
-                  if k in inspect.signature(ImageClassifier.__init__).parameters and k != "num_classes")
+            hparams["backbone"] = {**hparams["backbone"], "pretrained": None, "arch": None,
+                                   **{k: arch[k] for k in OVERRIDE_FIELDS}}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -314,43 +262,6 @@ class NonFiniteLossError(FloatingPointError):
 
 class ClassMismatchError(ValueError):
     """A checkpoint's class names differ from the data's (both lists in the message)."""
-
-
-def build_model(hparams: Any) -> VisionTransformer:
-    """VisionTransformer from a registered ``arch`` and explicit overrides (``None`` = not given)."""
-    hp = dict(hparams)
-    config = model_config(hp["arch"]) if hp.get("arch") else ViTConfig()
-    given = {key: hp[key] for key in ARCH_KEYS if hp.get(key) is not None}
-    return VisionTransformer(config, num_classes=hp["num_classes"], **given)
-
-
-def build_pretrained(hparams: Any) -> VisionTransformer:
-    """``hparams["pretrained"]`` loaded with ``vit.load_pretrained``: the head re-initialised for ``num_classes``,
-    position embeddings resampled to ``img_size``; explicit architecture values are hints (e.g. ``num_heads`` for
-    a bare state dict), dropout rates apply as given."""
-    hp = dict(hparams)
-    hints = {k: hp[k] for k in ARCH_KEYS if hp.get(k) is not None and k not in ("img_size", "patch_size")}
-    return load_pretrained(hp["pretrained"], model=hints or None, num_classes=hp["num_classes"],
-                           img_size=hp.get("img_size"), patch_size=hp.get("patch_size"))
-
-
-def freeze_layers(model: VisionTransformer, freeze: int | str) -> None:
-    """Stop gradients: ``"backbone"`` = all but the head (linear probe), N = patch/position embeddings, tokens
-    and the first N blocks, ``"none"`` = nothing. Frozen parameters are left out of the optimizer.
-
-    Example:
-        >>> m = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
-        >>> freeze_layers(m, "backbone"); sorted(n for n, p in m.named_parameters() if p.requires_grad)
-        ['head.bias', 'head.weight']
-    """
-    if freeze in ("none", 0, "0", None):
-        return
-    depth = model.layer_ids(coarse=True)  # the final norm stays trainable until the head is frozen too
-    for name, param in model.named_parameters():
-        if freeze == "backbone":
-            param.requires_grad_(name.startswith(("head.", "head_dist.")))
-        elif depth[name] <= int(freeze):  # embeddings are depth 0, block i is depth i + 1
-            param.requires_grad_(False)
 
 
 def _mixup(hparams: Any):
@@ -390,21 +301,15 @@ def _check_training_args(**values: Any) -> None:
     problems = range_problems("model", {
         "lr": (PositiveFloat, values["lr"]), "weight_decay": (NonNegativeFloat, values["weight_decay"]),
         "warmup_epochs": (NonNegativeFloat, values["warmup_epochs"]),
-        "min_lr_ratio": (Fraction, values["min_lr_ratio"]), "label_smoothing": (Fraction, values["label_smoothing"]),
-        "layer_decay": (DecayFactor, values["layer_decay"])})
+        "min_lr_ratio": (Fraction, values["min_lr_ratio"]), "label_smoothing": (Fraction, values["label_smoothing"])})
     if values["nonfinite_loss"] not in ("error", "skip"):
         problems.append(f"model.nonfinite_loss: expected 'error' or 'skip', got {values['nonfinite_loss']!r}")
     if problems:
         raise ValueError("invalid training configuration:\n  " + "\n  ".join(problems))
 
 
-def _check_finetune_args(*, freeze, mixup_alpha, cutmix_alpha, mix_prob, switch_prob, ema_decay) -> None:
-    problems = []
-    if isinstance(freeze, str) and freeze.isdigit():
-        freeze = int(freeze)
-    if not (freeze in ("none", "backbone") or (isinstance(freeze, int) and freeze >= 0)):
-        problems.append(f"model.freeze: expected 'none', 'backbone' or a number of blocks >= 0, got {freeze!r}")
-    problems += range_problems("model", {
+def _check_finetune_args(*, mixup_alpha, cutmix_alpha, mix_prob, switch_prob, ema_decay) -> None:
+    problems = range_problems("model", {
         "mixup_alpha": (NonNegativeFloat, mixup_alpha), "cutmix_alpha": (NonNegativeFloat, cutmix_alpha),
         "mix_prob": (ClosedUnitInterval, mix_prob), "switch_prob": (ClosedUnitInterval, switch_prob),
         "ema_decay": (OpenUnitInterval, ema_decay)})

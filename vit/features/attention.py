@@ -1,21 +1,17 @@
 """Where the model looks: attention rollout (or last-layer class-token attention) overlaid on an image.
 
-    python -m vit.visualize IMAGE --checkpoint PATH --out attn.png [--method rollout|last]
+    vit visualize IMAGE --checkpoint PATH --out attn.png [--method rollout|last]
 
 Attention is fused (``scaled_dot_product_attention``) in ``forward``; ``model.attention_maps(x)`` recomputes
 the weights on request, so visualising costs nothing during training.
 """
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-from .checkpoints import CheckpointError
-from .model import VisionTransformer
-from .predict import load_model, one_line, preprocess, top_classes
+from ..models.vision import VisionTransformer
 
 
 def attention_rollout(maps: list[torch.Tensor], num_prefix_tokens: int = 1, method: str = "rollout") -> torch.Tensor:
@@ -81,50 +77,3 @@ def save_overlay(image: torch.Tensor, heat: torch.Tensor, path: str | Path, titl
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return path
-
-
-def _display_image(model: VisionTransformer, image_path: str) -> torch.Tensor:
-    """The image as the model sees it (same resize and crop), in [0, 1] for display."""
-    from .data import eval_transform, load_image
-
-    crop_pct = (getattr(model, "pretrained_cfg", None) or {}).get("crop_pct") or 1.0
-    transform = eval_transform(model.img_size, (0.0,) * model.in_chans, (1.0,) * model.in_chans, crop_pct=crop_pct)
-    return transform(image=load_image(image_path, model.in_chans))["image"]
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m vit.visualize",
-                                     description="Overlay the model's attention on an image and save a PNG.")
-    parser.add_argument("image", help="an image file")
-    parser.add_argument("--checkpoint", required=True,
-                        help="our .ckpt, a save_pretrained directory, or any source vit.load_pretrained reads")
-    parser.add_argument("--out", default="attention.png", help="PNG to write (default attention.png)")
-    parser.add_argument("--method", default="rollout", choices=["rollout", "last"],
-                        help="attention rollout over all layers, or the last layer's class-token attention")
-    return parser
-
-
-def main(args: list[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 ok, 2 for a bad checkpoint, image or argument).
-
-    Example:
-        >>> main(["cat.jpg", "--checkpoint", "my_vit/", "--out", "attn.png"])  # doctest: +SKIP
-        0
-    """
-    options = _parser().parse_args(args)
-    try:
-        model = load_model(options.checkpoint)
-        x = preprocess(model, [options.image])
-        heat = attention_map(model, x, options.method)[0]
-        top = top_classes(model, x, topk=1)[0][0]  # the batch already decoded, not the file again
-        out = save_overlay(_display_image(model, options.image), heat, options.out,
-                           title=f"{Path(options.image).name}: {top[0]} ({top[1]:.2f}), {options.method}")
-    except (CheckpointError, ValueError, OSError) as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

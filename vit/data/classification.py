@@ -11,14 +11,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..utils.ranges import Fraction, NonNegativeInt, PositiveInt, plain, range_problems
 from .cache import NodeShare
 from .datasets import CIFAR10_CLASSES, DIGITS_CLASSES, ArrayDataset, load_digits_arrays
 from .folder import FileDataset, find_classes, list_images
 from .folder import scan_image_folder as _scan
-from ..ranges import Fraction, NonNegativeInt, PositiveInt, plain, range_problems
 from .sampling import EpochSampler
-from .transforms import (AUGMENT_PRESETS, IMAGENET_MEAN, IMAGENET_STD, eval_transform, match_channels,
-                         train_transform)
+from .transforms import AUGMENT_PRESETS, IMAGENET_MEAN, IMAGENET_STD, eval_transform, match_channels, train_transform
 
 DATASETS = ("digits", "imagefolder", "cifar10", "cifar100", "hf", "streaming")
 _STATS = {
@@ -30,14 +29,14 @@ _STATS = {
 
 class ImageDataModule(L.LightningDataModule):
     """Images for classification: ``digits`` (embedded, no download), ``imagefolder``, ``cifar10``/``cifar100``,
-    ``hf`` (Hugging Face datasets) or ``streaming`` (litdata shards written by ``python -m vit.data.convert``).
+    ``hf`` (Hugging Face datasets) or ``streaming`` (litdata shards written by ``vit shards``).
 
     ``num_classes`` and ``class_names`` are known right after construction, so the CLI can link them
     into the model before anything is loaded.
 
     Args:
         dataset: "digits" (scikit-learn's 1,797 8x8 digits, no download), "imagefolder", "cifar10", "cifar100",
-            "hf" (a Hugging Face dataset) or "streaming" (litdata shards made by `python -m vit.data.convert`).
+            "hf" (a Hugging Face dataset) or "streaming" (litdata shards made by `vit shards`).
         root: image folder (root/train/<class>/*.jpg, optional val/ and test/, or root/<class>/*.jpg) or CIFAR folder;
             hf: a hub dataset name (beans, food101) or a local save_to_disk/parquet folder; streaming: the converted
             folder, or its s3:// or gs:// URL.
@@ -125,7 +124,7 @@ class ImageDataModule(L.LightningDataModule):
         default_mean, default_std = _STATS.get(dataset, (IMAGENET_MEAN, IMAGENET_STD))
         self.mean = match_channels(mean if mean is not None else default_mean, in_chans)
         self.std = match_channels(std if std is not None else default_std, in_chans)
-        # recorded resolved, so a checkpoint tells vit.load_pretrained / vit.predict how to normalise
+        # recorded resolved, so a checkpoint tells vit.load_pretrained / vit predict how to normalise
         self.hparams.update(mean=list(self.mean), std=list(self.std))
         self.class_names = self._find_class_names()
         self.train_set: Dataset | None = None
@@ -428,8 +427,8 @@ def _source_problems(dataset, root, **hf_only) -> list[str]:
                 problems.append(f"data.split_names: unknown key(s) {unknown}; expected some of train, val, test")
     if dataset == "streaming":
         if not root:
-            problems.append("data.root: required for dataset 'streaming' (a folder written by python -m "
-                            "vit.data.convert, or its s3:// or gs:// URL)")
+            problems.append("data.root: required for dataset 'streaming' (a folder written by "
+                            "vit shards, or its s3:// or gs:// URL)")
         elif "://" in str(root):
             if not str(root).startswith(("s3://", "gs://")):
                 problems.append(f"data.root: expected a local folder or an s3:// or gs:// URL, got {root}")

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.folder import check_images, find_classes, list_images, scan_image_folder
 from ..data.images import IMAGE_EXTENSIONS, BadImageError, check_image, load_image
-from ..model import VisionTransformer
+from ..models.vision import VisionTransformer
 from .backbone import at_image_size, check_pool, load_backbone, pool_tokens, preprocessing
 from .features import Features, merge
 
@@ -168,13 +168,13 @@ class FeatureWriter(BasePredictionWriter):
                              "its part next to it")
         from safetensors.torch import save_file
 
-        from ..files import atomic_path
+        from ..utils.files import atomic_path
         part = self._part_path(trainer.global_rank, trainer.world_size)
         with atomic_path(part, durable=False) as tmp:
             save_file({"features": features.contiguous(), "index": index.contiguous()}, str(tmp),
                       metadata={"errors": json.dumps(self.errors), "seconds": json.dumps(seconds)})
         self.result = self._features(features, index, self.errors, seconds)
-        trainer.strategy.barrier("vit.tasks.FeatureWriter")
+        trainer.strategy.barrier("vit.features.FeatureWriter")
         if trainer.is_global_zero:
             self.result = self._merge_parts(trainer.world_size)
 
@@ -245,7 +245,7 @@ def extract_features(backbone: VisionTransformer | str, images, *, pool: str = "
     std, ``crop_pct``) unless ``img_size``/``mean``/``std``/``crop_pct`` say otherwise (a new ``img_size``
     resamples the position embeddings). ``pool``: ``cls``, ``avg``, ``map`` (B, D) or ``tokens`` (B, N, D); see
     ``pool_tokens``. Unreadable images are skipped and listed in ``result.skipped`` (``on_bad_image="error"``:
-    raise). ``out`` also writes the result (see ``vit.tasks.features``); ``trainer_options`` go to
+    raise). ``out`` also writes the result (see ``vit.features.features``); ``trainer_options`` go to
     ``lightning.Trainer`` (``accelerator``, ``devices``, ``strategy``, ``precision``; several devices need ``out``).
 
     Example:
@@ -281,7 +281,7 @@ def extract_features(backbone: VisionTransformer | str, images, *, pool: str = "
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=torch.cuda.is_available())
     if isinstance(backbone, VisionTransformer):
         source = (getattr(model, "pretrained_cfg", None) or {}).get("source")
-    else:  # a local path is recorded absolute, so vit.search finds the backbone from anywhere
+    else:  # a local path is recorded absolute, so vit search finds the backbone from anywhere
         source = str(Path(backbone).expanduser().resolve()) if Path(backbone).expanduser().exists() else str(backbone)
     meta = {"source": source, "pool": pool, **prep}
     writer = FeatureWriter(paths, labels if labelled else None, class_names, meta, out, skipped)

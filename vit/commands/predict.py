@@ -1,0 +1,61 @@
+"""``vit predict``: top-k classes for a few images."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..checkpoints import CheckpointError
+from ..deploy.predict import load_model, predict
+from ..deploy.runners import AUTO_ORDER, BACKENDS, BackendError, VerificationError
+from ._common import CommandParser, one_line
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = CommandParser(prog="vit predict", description="Top-k classes for a few images.")
+    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("--checkpoint", required=True,
+                        help="our .ckpt, a save_pretrained directory, or any source vit.load_pretrained reads")
+    parser.add_argument("--topk", type=int, default=5, help="how many classes to print per image (default 5)")
+    parser.add_argument("--backend", choices=["auto", *BACKENDS], default="auto",
+                        help="how to run the model (default auto: the first of "
+                             f"{', '.join(AUTO_ORDER[None])} that works here and matches eager on the first images)")
+    parser.add_argument("--quantize", choices=["none", "int8"], default="none",
+                        help="int8: dynamic int8 linear layers (faster on CPU; may change answers near a tie)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="decoding processes (default: 0 for a single batch, else 1)")
+    parser.add_argument("--compile", action="store_true", help="the same as --backend compile")
+    return parser
+
+
+def main(args: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (0 ok, 2 for a bad checkpoint, image, argument or a backend that cannot
+    run here, 1 for a backend whose answers differ from eager PyTorch's).
+
+    Example:
+        >>> main(["cat.jpg", "--checkpoint", "my_vit/", "--topk", "3"])  # doctest: +SKIP
+        0
+    """
+    options = _parser().parse_args(args)
+    for name in ("topk", "batch_size"):
+        if getattr(options, name) < 1:
+            print(f"error: --{name.replace('_', '-')}: expected a positive integer, got {getattr(options, name)}",
+                  file=sys.stderr)
+            return 2
+    if options.workers is not None and options.workers < 0:
+        print(f"error: --workers: expected 0 or more, got {options.workers}", file=sys.stderr)
+        return 2
+    backend = "compile" if options.compile else options.backend
+    try:
+        model = load_model(options.checkpoint)
+        results = predict(model, options.images, options.topk, options.batch_size, backend=backend,
+                          quantize=options.quantize, workers=options.workers)
+    except VerificationError as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 1
+    except (CheckpointError, BackendError, ValueError, OSError) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
+    for path, top in zip(options.images, results):
+        print(f"{path}: " + ", ".join(f"{name} {prob:.3f}" for name, prob in top))
+    return 0

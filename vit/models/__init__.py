@@ -1,0 +1,7 @@
+"""The model: ``ViTConfig`` (the one description of an architecture) -> ``VisionTransformer``, its layers, the
+registry of named architectures and position-embedding resampling. Plain ``nn.Module``s: no Lightning, no I/O."""
+from .config import ViTConfig
+from .registry import list_models, model_config
+from .vision import VisionTransformer
+
+__all__ = ["ViTConfig", "VisionTransformer", "list_models", "model_config"]
