@@ -67,3 +67,32 @@ def test_no_python_dash_m_module_spelling_is_left():
         text = path.read_text(encoding="utf-8")
         stale += [f"{path.relative_to(REPO)}" for marker in ("python -m vit.", '"-m", "vit.') if marker in text]
     assert not stale, stale
+
+
+def test_export_refuses_an_onnx_file_that_differs_from_pytorch(tmp_path, capsys, monkeypatch):
+    """`vit export --onnx` checks the written file against PyTorch and exits 1 above --tolerance (1e-4): here the
+    exporter is handed a copy whose head bias moved by 1e-3, as a faulty export would."""
+    import copy
+
+    import torch
+
+    import vit
+    from vit.commands import export as export_command
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = vit.VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3)
+    source = vit.save_pretrained(model, tmp_path / "m")
+    real_export = export_command.export_onnx
+
+    def faulty_export(model, path, opset=18):
+        shifted = copy.deepcopy(model)
+        with torch.no_grad():
+            shifted.head.bias.add_(1e-3)
+        return real_export(shifted, path, opset)
+
+    assert export_command.main([str(source), "--onnx", str(tmp_path / "ok.onnx")]) == 0  # the control run
+    capsys.readouterr()
+    monkeypatch.setattr(export_command, "export_onnx", faulty_export)
+    assert export_command.main([str(source), "--onnx", str(tmp_path / "bad.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert "differs from PyTorch by 1.0" in err and "> 0.0001" in err

@@ -266,3 +266,60 @@ def test_example_script_fine_tunes_and_saves(pretrained_dir, image_folder, tmp_p
     example.main(str(image_folder), str(pretrained_dir), str(tmp_path / "out"), img_size=16, epochs=1)
     model = vit.load_pretrained(tmp_path / "out")
     assert model.pretrained_cfg["class_names"] == ["cat", "dog"] and model.pretrained_cfg["mean"] == [0.25, 0.5, 0.75]
+
+
+class _GradientNorms(L.Callback):
+    """Total gradient norm before clipping (Lightning's hook) and after it (the optimizer's step pre-hook)."""
+
+    def __init__(self):
+        self.before, self.after = [], []
+
+    @staticmethod
+    def _norm(module) -> float:
+        grads = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+        return float(torch.stack(grads).norm()) if grads else 0.0
+
+    def on_train_start(self, trainer, pl_module):
+        for optimizer in trainer.optimizers:
+            optimizer.register_step_pre_hook(lambda *_: self.after.append(self._norm(pl_module)))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.before.append(self._norm(pl_module))
+
+
+def test_full_recipe_clips_gradients_and_stops_early(pretrained_dir, image_folder, tmp_path, monkeypatch):
+    """full.yaml's gradient clipping acts (the norm the optimizer sees is at most the clip value, below the raw
+    one) and its early stopping stops a run that no longer improves (here: an improvement of 1.0 is required)."""
+    monkeypatch.chdir(tmp_path)
+    overlay = tmp_path / "stop_early.yaml"
+    overlay.write_text("trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.EarlyStopping\n"
+                       "      init_args: {monitor: val/acc, mode: max, patience: 1, min_delta: 1.0}\n")
+    norms = _GradientNorms()
+    app = cli(["--config", str(RECIPES / "full.yaml"), "--config", str(overlay), "--data.root", str(image_folder),
+               "--data.img_size", "16", "--data.batch_size", "8", "--data.num_workers", "0",
+               "--model.backbone.pretrained", str(pretrained_dir), "--model.lr", "0.05", "--trainer.max_epochs", "8",
+               "--trainer.gradient_clip_val", "0.05", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+               "--trainer.precision", "32-true", "--trainer.enable_progress_bar", "false",
+               "--trainer.enable_model_summary", "false"], run=False)
+    app.trainer.callbacks.append(norms)
+    app.trainer.fit(app.model, datamodule=app.datamodule)
+    assert norms.before and len(norms.after) == len(norms.before)
+    assert max(norms.before) > 0.05  # the raw gradients exceed the clip value...
+    assert max(norms.after) <= 0.05 * 1.001  # ...and what the optimizer steps with does not
+    stopper = next(c for c in app.trainer.callbacks if type(c).__name__ == "EarlyStopping")
+    assert stopper.stopped_epoch > 0 and app.trainer.current_epoch < 8  # stopped well before max_epochs
+
+
+def test_high_res_recipe_runs_a_step(pretrained_dir, image_folder, tmp_path, monkeypatch):
+    """high_res.yaml end to end for one optimizer step: resampled position embeddings (16 -> 32 px), gradient
+    checkpointing, accumulation."""
+    monkeypatch.chdir(tmp_path)
+    app = cli(["fit", "--config", str(RECIPES / "high_res.yaml"), "--data.root", str(image_folder),
+               "--data.img_size", "32", "--data.batch_size", "4", "--data.num_workers", "0",
+               "--model.backbone.pretrained", str(pretrained_dir), "--trainer.max_epochs", "1",
+               "--trainer.limit_train_batches", "2",  # accumulate_grad_batches 2: one optimizer step
+               "--trainer.limit_val_batches", "1", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+               "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
+    model = app.model.model
+    assert app.trainer.global_step == 1 and model.img_size == (32, 32) and model.grad_checkpointing
+    assert torch.isfinite(app.trainer.callback_metrics["train/loss"])
