@@ -37,7 +37,8 @@ TINY_ARCH = dict(patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0
 
 
 def image_folder(workdir: Path, tiny: bool) -> Path:
-    """cifar10_small's train/ and test/ (as val/) when present and not tiny, else a synthetic 32 px folder."""
+    """cifar10_small's train/ and test/ (as val/) when present and not tiny, else a synthetic 32 px folder of 4
+    classes (noise with a bright quadrant per class)."""
     if CIFAR.is_file() and not tiny:
         with tarfile.open(CIFAR) as archive:
             archive.extractall(workdir, filter="data")
@@ -52,8 +53,11 @@ def image_folder(workdir: Path, tiny: bool) -> Path:
         for c in range(4):
             folder = workdir / "synthetic" / split / f"class{c}"
             folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+            for i in range(count):  # noise with a bright class-specific quadrant: learnable, so tests can
+                image = rng.integers(0, 128, (32, 32, 3), dtype=np.uint8)  # check that training learned
+                y, x = (c // 2) * 16, (c % 2) * 16
+                image[y:y + 16, x:x + 16, c % 3] = 230
+                Image.fromarray(image).save(folder / f"{i}.jpg")
     return workdir / "synthetic"
 
 

@@ -38,6 +38,7 @@ def test_throughput_tiny_mode_prints_every_table(throughput, capsys):
     assert {(r["impl"], r["mode"]) for r in rows} == {(i, m) for i in ("ours", "timm") for m in ("infer", "train")}
     assert all(r["ips"] > 0 for r in rows)
     assert [r["checkpointing"] for r in ckpt_rows] == [False, True]
+    assert ckpt_rows[1]["mem"] < ckpt_rows[0]["mem"]  # checkpointing lowers the step's peak memory
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(distilled=True), dict(class_token=False, global_pool="avg")])
@@ -67,6 +68,8 @@ def test_dataloader_tiny_mode_compares_pipelines_and_model(capsys):
     assert [r["source"] for r in sources] == ["image folder", "image folder + data.cache",
                                               "litdata chunks (streaming)", "parquet (hf)"]
     assert all(r["ips"] > 0 and r["first"] > 0 and r["images"] == 8 for r in sources)
+    by_source = {r["source"]: r["ips"] for r in sources}  # decoding once is not slower, beyond a noise margin
+    assert by_source["image folder + data.cache"] > 0.5 * by_source["image folder"], by_source
     assert "| parquet (hf) | 8 |" in out
 
 
@@ -83,6 +86,8 @@ def test_train_loop_tiny_mode_compares_our_cli_and_a_timm_loop(capsys, tmp_path,
     assert [r["loop"] for r in rows] == ["ours", "ours + data.cache", "timm loop",
                                          "model step alone (no data, the ceiling)"]
     assert all(r["img_s"] > 0 for r in rows)
+    ceiling = rows[-1]["img_s"]  # the model step alone bounds every loop (within noise)
+    assert all(r["img_s"] < 2 * ceiling for r in rows[:-1]), rows
 
 
 def test_inference_tiny_mode_prints_speed_and_agreement_tables(capsys):
@@ -116,7 +121,8 @@ def test_small_data_tiny_mode_trains_under_a_budget_and_draws_the_curve(capsys, 
     out = capsys.readouterr().out
     assert "| budget (min) | epochs | wall (min) | best val acc | test acc |" in out
     (row,) = rows
-    assert row["minutes"] == pytest.approx(1 / 3) and row["epochs"] >= 1 and 0 <= row["test_acc"] <= 1
+    assert row["minutes"] == pytest.approx(1 / 3) and row["epochs"] >= 1
+    assert row["test_acc"] > 0.5  # 4 classes (chance 0.25), each a bright quadrant: the budget must learn them
     assert row["test_images"] > 0 and row["wall_min"] < 2
     assert (tmp_path / "results.csv").read_text().startswith("minutes,")
     pytest.importorskip("matplotlib")

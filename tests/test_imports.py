@@ -116,3 +116,15 @@ def test_layer_check_catches_an_upward_import(tmp_path, monkeypatch):
         assert "vit.models.vision (models) imports vit.tasks.classification" in str(error)
     else:
         raise AssertionError("an upward import went unnoticed")
+
+
+def test_public_api_names_stay_at_the_top_level():
+    import vit
+    from vit.deploy.runners import create_runner
+    from vit.tasks.backbone import Backbone
+    from vit.tasks.classification import ImageClassifier
+    for name in vit.__all__:
+        assert getattr(vit, name) is not None, name
+    assert vit.create_runner is create_runner and vit.Backbone is Backbone and vit.ImageClassifier is ImageClassifier
+    assert {"create_model", "list_models", "load_pretrained", "save_pretrained", "ViTConfig", "VisionTransformer",
+            "ImageDataModule", "create_runner", "Backbone", "ImageClassifier"} <= set(vit.__all__)
