@@ -121,3 +121,19 @@ def assert_matches_reference(ours: torch.nn.Module, reference: torch.nn.Module, 
         assert b.std() > 1e-2, f"{what}: the reference's values are (nearly) constant; randomise its weights"
         difference = (a - b).abs().max().item()
         assert difference <= tol, f"{what}: max abs difference {difference:.3g} > {tol}"
+
+
+def logged_losses(app) -> list[float]:
+    """The training losses a CLI run logged, in order (run with --trainer.log_every_n_steps 1 for every step)."""
+    import csv
+    from pathlib import Path
+    metrics = next(Path(app.trainer.log_dir).rglob("metrics.csv"))
+    with open(metrics, newline="") as f:
+        return [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
+
+
+def assert_loss_fell(losses: list[float], window: int = 3, factor: float = 0.9) -> None:
+    """The mean of the last ``window`` losses is below ``factor`` x the mean of the first ``window``."""
+    assert len(losses) >= 2 * window, losses
+    first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
+    assert last < factor * first, f"the loss did not fall: {first:.3f} -> {last:.3f} ({losses})"

@@ -8,7 +8,7 @@ import warnings
 import lightning as L
 import pytest
 import torch
-from conftest import QUICK, write_image_folder
+from conftest import QUICK, assert_loss_fell, logged_losses, write_image_folder
 
 from vit.data import ImageDataModule
 from vit.data.images import BadImageError
@@ -122,11 +122,14 @@ def test_cli_fit_from_shards(shards, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cli_main(["fit", "--config", str(DEFAULT_CONFIG.parent / "imagefolder.yaml"), "--data.dataset", "streaming",
-                  "--data.root", str(out), *QUICK])
+        app = cli_main(["fit", "--config", str(DEFAULT_CONFIG.parent / "imagefolder.yaml"), "--data.dataset",
+                        "streaming", "--data.root", str(out), *QUICK, "--trainer.max_epochs", "6",
+                        "--trainer.limit_train_batches", "null", "--trainer.log_every_n_steps", "1",
+                        "--data.augment", "none", "--model.warmup_epochs", "0"])
     ckpt = next((tmp_path / "runs").rglob("*.ckpt"))
     restored = ImageClassifier.load_from_checkpoint(ckpt, weights_only=True)
     assert restored.class_names == CLASSES and restored.model.num_classes == 3
+    assert_loss_fell(logged_losses(app))  # it learned from the shards (a bright square per class)
 
 
 def test_val_carved_from_the_end_of_train_without_val_split(tmp_path):

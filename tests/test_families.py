@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from conftest import assert_matches_reference, randomize_, write_image_folder
+from conftest import assert_loss_fell, assert_matches_reference, logged_losses, randomize_, write_image_folder
 from test_checkpoints_hub import _put_in_cache, _timm_hub_files
 
 import vit
@@ -73,6 +73,13 @@ def test_a_timm_tag_in_the_name_picks_other_weights(tmp_path, monkeypatch):
         vit.create_model("vit_tiny_patch8_224", pretrained=True)
 
 
+# full.yaml's fine-tune, made to show learning on 12 images in a few seconds: no mixing or augmentation, every step
+# logged, several epochs (its early stopping needs val/acc to stall for 10 of them)
+LEARN = ["--trainer.max_epochs", "8", "--trainer.log_every_n_steps", "1", "--model.lr", "0.005",
+         "--model.mixup_alpha", "0", "--model.cutmix_alpha", "0", "--data.augment", "none", "--data.random_erasing",
+         "0", "--model.warmup_epochs", "0", "--model.ema_decay", "null", "--model.backbone.drop_path_rate", "0"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["vit_small_patch14_reg4_dinov2", "vit_base_patch16_clip_quickgelu_224",
                                   "vit_base_patch16_siglip_224", "deit3_small_patch16_224"])
@@ -86,8 +93,9 @@ def test_cli_fine_tunes_each_family(name, tmp_path, monkeypatch):
     app = cli(["fit", "--config", str(vit.training.cli.DEFAULT_CONFIG.parent / "finetune" / "full.yaml"),
                "--data.root", str(images), "--data.img_size", str(size), "--data.batch_size", "4",
                "--data.num_workers", "0", "--model.backbone.pretrained", str(tmp_path / "weights"),
-               "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-               "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
+               "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+               "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+               *LEARN])
     model = app.model.model
     want = vit.models.registry.model_config(name)
     assert model.num_classes == 3 and model.img_size == (size, size)  # new head, position grid resampled
@@ -95,6 +103,7 @@ def test_cli_fine_tunes_each_family(name, tmp_path, monkeypatch):
         (want.act_layer, want.global_pool, want.reg_tokens)
     assert app.datamodule.mean == pytest.approx(FAMILIES[name][1])  # the weights' normalisation
     assert app.trainer.global_step > 0 and torch.isfinite(app.trainer.callback_metrics["val/loss"])
+    assert_loss_fell(logged_losses(app))  # the fine-tune learns (a bright square per class)
 
 
 @pytest.mark.slow
@@ -109,10 +118,12 @@ def test_cli_fine_tunes_hugging_face_checkpoints(family, tmp_path, monkeypatch):
     app = cli(["fit", "--config", str(vit.training.cli.DEFAULT_CONFIG.parent / "finetune" / "full.yaml"),
                "--data.root", str(images), "--data.img_size", "40", "--data.batch_size", "4",
                "--data.num_workers", "0", "--model.backbone.pretrained", str(tmp_path / "weights"),
-               "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-               "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
+               "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+               "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+               *LEARN])
     model = app.model.model
     assert model.num_classes == 3 and model.img_size == (40, 40)  # 4x4 grid resampled to 5x5, new head
     expected_mean = {"dinov2-registers": 0.485, "clip-model": 0.48145466, "siglip": 0.5}[family]
     assert app.datamodule.mean[0] == pytest.approx(expected_mean)
     assert app.trainer.global_step > 0 and torch.isfinite(app.trainer.callback_metrics["val/loss"])
+    assert_loss_fell(logged_losses(app))  # the fine-tune learns (a bright square per class)
