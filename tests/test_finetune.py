@@ -170,11 +170,26 @@ def test_mixup_cutmix_targets_sum_to_one(batch, mixup_alpha, cutmix_alpha):
 
 
 def test_mixup_training_step_runs_with_an_odd_last_batch(tmp_path):
-    module = ImageClassifier(Backbone(img_size=16, **TINY), num_classes=10, mixup_alpha=0.8, cutmix_alpha=1.0)
-    trainer = _trainer(tmp_path, limit_train_batches=2, limit_val_batches=0)
-    dm = ImageDataModule("digits", img_size=16, batch_size=7)
+    from conftest import assert_loss_fell, write_image_folder
+
+    class Losses(L.Callback):
+        def __init__(self):
+            self.values = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.values.append(float(outputs["loss"]))
+
+    L.seed_everything(0)
+    losses = Losses()
+    module = ImageClassifier(Backbone(img_size=16, **TINY), num_classes=4, mixup_alpha=0.8, cutmix_alpha=1.0,
+                             lr=3e-3, warmup_epochs=0)
+    trainer = _trainer(tmp_path, max_epochs=12, limit_train_batches=None, limit_val_batches=0, callbacks=[losses])
+    root = write_image_folder(tmp_path / "images", classes=("a", "b", "c", "d"), per_class=15, size=16,
+                              splits=("train",))  # 54 training images: batches of 7 and an odd last one of 5
+    dm = ImageDataModule("imagefolder", root=str(root), img_size=16, batch_size=7, augment="none")
     trainer.fit(module, datamodule=dm)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert_loss_fell(losses.values, window=16)  # the mixed soft targets still teach (a bright square per class)
 
 
 def test_ema_weights_differ_from_raw_and_are_what_gets_evaluated(tmp_path):
