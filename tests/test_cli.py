@@ -330,3 +330,25 @@ def test_small_data_recipe_trains_to_its_time_budget_and_tests_the_final_weights
     lr = app.trainer.optimizers[0].param_groups[0]["lr"]
     assert lr < 0.2 * app.model.hparams.lr  # the schedule ran its course in the time given
     assert "imagefolder test accuracy:" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # two processes start torch and Lightning: about half a minute on 2 CPU cores
+def test_torchrun_launches_a_two_process_ddp_fit_on_cpu(tmp_path):
+    """docs/scale.md's multi-node launch, as far as one CPU machine can run it: torchrun starts 2 processes,
+    Lightning picks up torchrun's environment (rank, world size), both train and rank 0 writes the checkpoint."""
+    import shutil
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not on PATH")
+    train = Path(__file__).resolve().parent.parent / "train.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(train), "fit", "--config",
+                           str(DEFAULT_CONFIG), "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+                           "--trainer.strategy", "ddp", "--trainer.max_epochs", "1", "--trainer.limit_train_batches",
+                           "2", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+                           "--model.backbone.embed_dim", "32", "--model.backbone.depth", "1",
+                           "--model.backbone.num_heads", "2"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stdout + proc.stderr
+    assert list(tmp_path.rglob("last.ckpt"))

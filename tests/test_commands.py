@@ -96,3 +96,14 @@ def test_export_refuses_an_onnx_file_that_differs_from_pytorch(tmp_path, capsys,
     assert export_command.main([str(source), "--onnx", str(tmp_path / "bad.onnx")]) == 1
     err = capsys.readouterr().err
     assert "differs from PyTorch by 1.0" in err and "> 0.0001" in err
+
+
+def test_recipes_and_their_comments_use_the_backbone_keys():
+    """Every recipe parses, and no comment in one shows a flat key that moved under model.backbone."""
+    import re
+
+    from vit.training.cli import MOVED_TO_BACKBONE
+    for recipe in (REPO / "configs").rglob("*.yaml"):
+        text = recipe.read_text(encoding="utf-8")
+        stale = re.findall(rf"--model\.({'|'.join(MOVED_TO_BACKBONE)})\b", text)
+        assert not stale, f"{recipe.name}: --model.{stale[0]} is now --model.backbone.{stale[0]}"
