@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import statistics
 import sys
 import tarfile
@@ -44,7 +45,11 @@ from vit.deploy.runners import BackendError, create_runner, onnx_session, top1_a
 from vit.models.vision import VisionTransformer  # noqa: E402
 
 DEFAULT_MODELS = "vit_tiny_patch16_224,vit_small_patch16_224"
-CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_small.tgz"
+# cifar10_small, a .tgz or its folder (12,000 CIFAR-10 photos as train/<class>/*.jpg and test/<class>/*.jpg, 32 px): give it with
+# --cifar PATH or $VIT_CIFAR10_SMALL (docs/performance.md shows how to write one from CIFAR-10); the default is
+# where the project's CI keeps its copy, beside the repository
+CIFAR = Path(os.environ.get("VIT_CIFAR10_SMALL")
+             or Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_small.tgz")
 CONTENDERS = [("timm", "eager", None), ("ours", "eager", None), ("ours", "compile", None),
               ("ours", "onnxruntime", None), ("ours", "eager", "int8"), ("ours", "onnxruntime", "int8")]
 TARGET_FP32, TARGET_INT8, TARGET_AGREEMENT = 1.3, 2.0, 0.99
@@ -53,9 +58,9 @@ TARGET_FP32, TARGET_INT8, TARGET_AGREEMENT = 1.3, 2.0, 0.99
 # ---- real images --------------------------------------------------------------------------------------------
 def real_images(train: int, test: int, source: str = "auto", seed: int = 0) -> tuple[str, tuple, tuple]:
     """(source, (train images, labels), (test images, labels)): HWC uint8 images, shuffled with ``seed``."""
-    if source == "cifar" and not CIFAR.is_file():
+    if source == "cifar" and not CIFAR.exists():
         raise SystemExit(f"--images cifar: {CIFAR} is not there")
-    if source in ("auto", "cifar") and CIFAR.is_file():
+    if source in ("auto", "cifar") and CIFAR.exists():
         return "CIFAR-10 photos (32 px)", _cifar("train", train, seed), _cifar("test", test, seed)
     from vit.data.datasets import load_digits_arrays
     images, labels = load_digits_arrays(3)
@@ -70,16 +75,25 @@ def real_images(train: int, test: int, source: str = "auto", seed: int = 0) -> t
 def _cifar(split: str, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image
     photos = []
-    with tarfile.open(CIFAR, "r:gz") as archive:  # one pass: random access into a .tgz decompresses from the start
-        for member in archive:
-            if member.isfile() and f"/{split}/" in member.name and member.name.endswith(".jpg"):
-                data = archive.extractfile(member).read()
-                photos.append((member.name, np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))))
+    if CIFAR.is_dir():  # the folder itself: split/<class>/*.jpg
+        for path in sorted((CIFAR / split).glob("*/*.jpg")):
+            photos.append((f"{split}/{path.parent.name}/{path.name}", np.asarray(Image.open(path).convert("RGB"))))
+    else:
+        _read_archive(split, photos)
     photos.sort(key=lambda item: item[0])
     classes = sorted({Path(name).parent.name for name, _ in photos})
     picked = [photos[i] for i in np.random.default_rng(seed).permutation(len(photos))[:count]]
     return np.stack([image for _, image in picked]), np.asarray([classes.index(Path(name).parent.name)
                                                                  for name, _ in picked])
+
+
+def _read_archive(split: str, photos: list) -> None:
+    from PIL import Image
+    with tarfile.open(CIFAR, "r:gz") as archive:  # one pass: random access into a .tgz decompresses from the start
+        for member in archive:
+            if member.isfile() and f"/{split}/" in member.name and member.name.endswith(".jpg"):
+                data = archive.extractfile(member).read()
+                photos.append((member.name, np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))))
 
 
 def to_batch(model, images: np.ndarray) -> torch.Tensor:
@@ -300,6 +314,9 @@ def parse_args(args=None) -> argparse.Namespace:
     p.add_argument("--train-images", type=int, default=5000, help="photos the agreement model is trained on")
     p.add_argument("--train-seconds", type=float, default=90, help="training time of the agreement model")
     p.add_argument("--test-images", type=int, default=1000, help="photos agreement is measured on")
+    p.add_argument("--cifar", type=Path, default=None,
+                   help="cifar10_small (.tgz or its folder) for --images cifar/auto (default: $VIT_CIFAR10_SMALL, else CI's copy "
+                        "beside the repository)")
     p.add_argument("--images", choices=["auto", "cifar", "digits"], default="auto",
                    help="real images: CIFAR-10 photos from shared/data, or scikit-learn's digits (auto: CIFAR if there)")
     p.add_argument("--tiny", action="store_true", help="a tiny 32 px, depth-2 model instead of --models (smoke test)")
@@ -318,6 +335,9 @@ def main(args=None) -> tuple[list[dict], list[dict]]:
         ort_version = onnxruntime.__version__
     except ImportError:
         ort_version = "not installed"
+    if args.cifar is not None:
+        global CIFAR
+        CIFAR = args.cifar
     source, train, test = real_images(args.train_images, args.test_images, args.images)
     models = ["tiny"] if args.tiny else [m for m in args.models.split(",") if m]
     print(f"torch {torch.__version__}, timm {timm.__version__}, onnxruntime {ort_version}, "

@@ -20,6 +20,7 @@ after ``--skip`` warm-up steps (data loading waits included: wall time between t
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tarfile
@@ -31,7 +32,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_small.tgz"
+# cifar10_small, a .tgz or its folder (12,000 CIFAR-10 photos as train/<class>/*.jpg and test/<class>/*.jpg, 32 px): give it with
+# --cifar PATH or $VIT_CIFAR10_SMALL (docs/performance.md shows how to write one from CIFAR-10); the default is
+# where the project's CI keeps its copy, beside the repository
+CIFAR = Path(os.environ.get("VIT_CIFAR10_SMALL")
+             or Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_small.tgz")
 ARCH = dict(patch_size=4, embed_dim=192, depth=6, num_heads=3, mlp_ratio=2.0)
 TINY_ARCH = dict(patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0)
 
@@ -39,6 +44,12 @@ TINY_ARCH = dict(patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0
 def image_folder(workdir: Path, tiny: bool) -> Path:
     """cifar10_small's train/ and test/ (as val/) when present and not tiny, else a synthetic 32 px folder of 4
     classes (noise with a bright quadrant per class)."""
+    if CIFAR.is_dir() and not tiny:  # the folder itself: train/ and test/ (as val/)
+        root = workdir / "cifar10_small"
+        root.mkdir()
+        (root / "train").symlink_to(CIFAR.resolve() / "train")
+        (root / "val").symlink_to(CIFAR.resolve() / "test")
+        return root
     if CIFAR.is_file() and not tiny:
         with tarfile.open(CIFAR) as archive:
             archive.extractall(workdir, filter="data")
@@ -167,7 +178,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds of all three")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--tiny", action="store_true", help="a tiny model and folder: seconds")
+    parser.add_argument("--cifar", type=Path, default=None,
+                        help="cifar10_small: the .tgz or its folder (default: $VIT_CIFAR10_SMALL, else CI's copy beside the repository; "
+                             "without one, a synthetic folder)")
     args = parser.parse_args(argv)
+    if args.cifar is not None:
+        global CIFAR
+        CIFAR = args.cifar
     if args.tiny:
         args.steps, args.skip, args.batch, args.workers, args.repeats = min(args.steps, 6), 2, 8, 0, 1
     torch.set_num_threads(args.threads)
