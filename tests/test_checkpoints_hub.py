@@ -104,38 +104,56 @@ def test_missing_cache_says_which_file_and_how_to_pass_a_path(offline_cache):
 
 # ---- vit convert -----------------------------------------------------------------------------------
 def _sources(tmp_path):
-    """One file per source library, and the options each needs."""
+    """One file per source library, every parameter random: {file: (detected format, the options it needs, the
+    source model whose outputs the converted one must give)}."""
     from torchvision.models.vision_transformer import VisionTransformer as TorchvisionViT
     from transformers import ViTConfig, ViTForImageClassification
     torch.manual_seed(0)
-    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, **SMALL)
+    reference = randomize_(timm.create_model("vit_tiny_patch16_224", pretrained=False, **SMALL), seed=1).eval()
     torch.save(reference.state_dict(), tmp_path / "timm.pth")
-    deit = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, **SMALL)
+    deit = randomize_(timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, **SMALL), seed=2).eval()
     save_file(deit.state_dict(), tmp_path / "deit.safetensors")
-    tv = TorchvisionViT(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128,
-                        num_classes=10)
+    tv = randomize_(TorchvisionViT(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128,
+                                   num_classes=10), seed=3).eval()
     torch.save(tv.state_dict(), tmp_path / "tv.pth")
-    ViTForImageClassification(ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                        intermediate_size=128, image_size=32, patch_size=8)
-                              ).save_pretrained(tmp_path / "hf")
+    hf = randomize_(ViTForImageClassification(ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                                        intermediate_size=128, image_size=32, patch_size=8)),
+                    seed=4).eval()
+    hf.save_pretrained(tmp_path / "hf")
     model = vit.load_pretrained(reference.state_dict(), model={"num_heads": 2})
     np.savez(tmp_path / "google.npz", **vit.export_state_dict(model, "npz"))
     torch.save({"state_dict": {f"model.{k}": v for k, v in reference.state_dict().items()},
                 "hyper_parameters": {"num_heads": 2, "class_names": list("abcdefghij")}}, tmp_path / "run.ckpt")
     heads = ["--num-heads", "2"]
-    return {"timm.pth": ("timm", heads), "deit.safetensors": ("timm", heads), "tv.pth": ("torchvision", heads),
-            "hf": ("hf", []), "google.npz": ("npz", []), "run.ckpt": ("timm", [])}
+    return {"timm.pth": ("timm", heads, reference), "deit.safetensors": ("timm", heads, deit),
+            "tv.pth": ("torchvision", heads, tv), "hf": ("hf", [], hf), "google.npz": ("npz", [], reference),
+            "run.ckpt": ("timm", [], reference)}
 
 
 def test_cli_converts_each_source(tmp_path, capsys):
-    for name, (fmt, extra) in _sources(tmp_path).items():
+    for name, (fmt, extra, reference) in _sources(tmp_path).items():
+        # as it is: the converted model gives the source model's outputs (tokens, pre-logits features, logits)
+        same = tmp_path / f"same_{name}"
+        assert main([str(tmp_path / name), str(same), *extra]) == 0
+        printed = capsys.readouterr().out
+        assert f"detected: {fmt} checkpoint" in printed and "embed_dim=64" in printed, printed
+        converted = vit.load_pretrained(same)
+        assert converted.img_size == (32, 32)
+        assert_matches_reference(converted, reference, _x())  # the logits' shape too: the source's classes
+        # at another size, for other classes: position embeddings resampled, a new head, the rest as converted
         out = tmp_path / f"out_{name}"
         assert main([str(tmp_path / name), str(out), "--img-size", "48", "--num-classes", "3", *extra]) == 0
         printed = capsys.readouterr().out
         assert f"detected: {fmt} checkpoint" in printed and "embed_dim=64" in printed, printed
-        model = vit.load_pretrained(out)
+        model = vit.load_pretrained(out).eval()
         assert model.img_size == (48, 48) and model.num_classes == 3
         assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+        # its features at 48 px: those of the model converted as it is, resampling its position embeddings on the fly
+        dynamic = vit.VisionTransformer(converted.config.replace(dynamic_img_size=True)).eval()
+        dynamic.load_state_dict(converted.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(model.forward_features(_x(48)), dynamic.forward_features(_x(48)),
+                                       atol=1e-4, rtol=0)
     # a bare state dict of a non-standard width (64) without --num-heads: refused, and told how to pass it
     assert main([str(tmp_path / "timm.pth"), str(tmp_path / "out_no_heads")]) == 2
     err = capsys.readouterr().err

@@ -8,6 +8,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from conftest import randomize_
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -222,14 +223,24 @@ def test_other_architecture_lists_missing_unexpected_and_both_shapes(tmp_path):
 
 
 def test_strict_false_allows_missing_keys_with_a_warning(caplog):
-    sd = _state_dict()
-    del sd["blocks.1.norm2.weight"]
+    # every tensor random, so that a loaded one cannot equal its initial value by chance (LayerNorm 1/0, biases 0)
+    sd = randomize_(vit.VisionTransformer(**SMALL)).state_dict()
+    del sd["blocks.1.norm2.weight"], sd["blocks.0.mlp.fc1.bias"]
     sd["extra.weight"] = torch.zeros(1)
     with pytest.raises(CheckpointError, match="missing keys"):
         vit.load_pretrained(sd, model={"num_heads": 2})
     with caplog.at_level(logging.WARNING, logger="vit.checkpoints"):
         model = vit.load_pretrained(sd, model={"num_heads": 2}, strict=False)
     assert "strict=False" in caplog.text and model.blocks[1].norm2.weight.shape == (32,)
+    assert "blocks.1.norm2.weight" in caplog.text and "extra.weight" in caplog.text
+    loaded = model.state_dict()
+    for key, value in sd.items():  # every tensor the file has for the model: the file's values
+        if key != "extra.weight":
+            assert torch.equal(loaded[key], value), key
+    # the missing ones keep their initial values (the reference init: LayerNorm weight 1, Linear bias 0)
+    assert torch.equal(model.blocks[1].norm2.weight, torch.ones(32))
+    assert torch.equal(model.blocks[0].mlp.fc1.bias, torch.zeros(128))
+    assert set(loaded) == set(sd) - {"extra.weight"} | {"blocks.1.norm2.weight", "blocks.0.mlp.fc1.bias"}
 
 
 def test_hf_config_with_other_activation_is_refused(tmp_path):

@@ -5,6 +5,7 @@ from conftest import write_image_folder
 from PIL import Image
 
 from vit.data import ImageDataModule, eval_transform, load_image, train_transform
+from vit.data.sampling import seed_transform
 
 
 def test_digits_split_is_fixed_seeded_and_disjoint():
@@ -32,7 +33,9 @@ def test_imagefolder_with_train_and_val(image_folder):
     assert dm.class_names == ["cat", "dog"] and dm.num_classes == 2
     dm.setup()
     assert len(dm.train_set) == 16 and len(dm.val_set) == 16
-    assert dm.test_set is dm.val_set or len(dm.test_set) == len(dm.val_set)  # val doubles as test
+    # no test/ folder: val doubles as the test split, the same files in the same order (not train's)
+    assert dm.test_set.samples == dm.val_set.samples
+    assert {p for p, _ in dm.test_set.samples} == {str(p) for p in (image_folder / "val").rglob("*.png")}
     images, labels = next(iter(dm.train_dataloader()))
     assert images.shape == (4, 3, 16, 16)
     assert set(labels.tolist()) <= {0, 1}
@@ -65,6 +68,25 @@ def test_transforms_produce_requested_size():
         out = train_transform(32, (0.5,) * 3, (0.5,) * 3, augment=aug, random_erasing=0.5)(image=image)["image"]
         assert out.shape == (3, 32, 32)
     assert eval_transform((24, 40), (0.5,) * 3, (0.5,) * 3, crop_pct=0.875)(image=image)["image"].shape == (3, 24, 40)
+
+    def augmented(seed, **kwargs):  # one image through a freshly built pipeline drawing from a seeded generator
+        transform = train_transform(32, (0.5,) * 3, (0.5,) * 3, **kwargs)
+        seed_transform(transform, seed)
+        return transform(image=image)["image"]
+
+    seeds = range(8)
+    assert all(torch.equal(augmented(s, augment="light"), augmented(s, augment="light")) for s in seeds)  # seeded
+    # strong adds two RandAugment-style ops (with p=0.9) on top of light's: the same draws give another image
+    differ = [not torch.equal(augmented(s, augment="strong"), augmented(s, augment="light")) for s in seeds]
+    assert sum(differ) >= 6, differ
+    # random erasing with p=1: the same draws, plus one box of at least 3x3 px set to the fill (0 after Normalize)
+    for s in seeds:
+        plain, erased = augmented(s, augment="light"), augmented(s, augment="light", random_erasing=1.0)
+        box = (erased != plain).any(0)
+        rows, cols = box.any(1).nonzero()[:, 0], box.any(0).nonzero()[:, 0]
+        assert len(rows) >= 3 and len(cols) >= 3, s
+        assert box[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()  # a filled rectangle
+        assert (erased[:, box] == 0).all() and torch.equal(erased[:, ~box], plain[:, ~box])
 
 
 @pytest.mark.parametrize("kwargs,match", [

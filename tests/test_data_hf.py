@@ -172,8 +172,19 @@ def test_streaming_is_iterable_carves_val_by_hash_and_reshuffles(parquet, tmp_pa
     val_n = sum(len(y) for _, y in val)
     assert train_n + val_n == 24 and 0 < val_n < 24  # every example in exactly one of the two
     assert sum(len(y) for _, y in second) == train_n
-    assert not torch.equal(torch.cat([y for _, y in first]), torch.cat([y for _, y in second])) or \
-        not torch.equal(first[0][0], second[0][0])  # new order (or augmentation) each epoch
+    # reshuffled: each epoch streams the same training examples in a new order, drawn from (seed, epoch)
+    labels = [torch.cat([y for _, y in epoch]) for epoch in (first, second)]
+    assert not torch.equal(labels[0], labels[1])
+    plain = ImageDataModule("hf", root=str(parquet), img_size=16, batch_size=4, streaming=True, val_fraction=0.3,
+                            seed=1, augment="none")  # without augmentation an image tells which example it is
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain.setup("fit")
+    epochs = [_epoch(plain.train_dataloader(), epoch) for epoch in (0, 1)]
+    images = [torch.cat([x for x, _ in epoch]) for epoch in epochs]
+    assert [torch.cat([y for _, y in epoch]).tolist() for epoch in epochs] == [y.tolist() for y in labels]
+    assert sorted(x.numpy().tobytes() for x in images[0]) == sorted(x.numpy().tobytes() for x in images[1])
+    assert not torch.equal(images[0], images[1])
     again = ImageDataModule("hf", root=str(parquet), img_size=16, batch_size=4, streaming=True, val_fraction=0.3,
                             seed=1)
     with warnings.catch_warnings():

@@ -1,6 +1,7 @@
 """`vit export`: ONNX with a dynamic batch (parity with onnxruntime) and torch.export."""
 import pytest
 import torch
+from conftest import randomize_
 
 import vit
 from vit.commands import export
@@ -37,10 +38,19 @@ def test_export_errors_exit_2(tmp_path, capsys):
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
 
 
-def test_onnx_int8_export_is_checked_against_fp32(saved, tmp_path, capsys):
+@pytest.fixture
+def large_logits(tmp_path):
+    """The tiny model with every parameter random (N(0, 0.5)): logits spread over several units (a fresh model's
+    are ~0.1, so any output near zero would pass as "close to fp32"), as a trained model's do."""
+    model = randomize_(vit.VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                                             num_classes=3)).eval()
+    return model, vit.save_pretrained(model, tmp_path / "m", class_names=["a", "b", "c"])
+
+
+def test_onnx_int8_export_is_checked_against_fp32(large_logits, tmp_path, capsys):
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
-    model, directory = saved
+    model, directory = large_logits
     path = tmp_path / "m.int8.onnx"
     assert export.main([str(directory), "--onnx", str(path), "--quantize", "int8"]) == 0
     out = capsys.readouterr().out
@@ -48,10 +58,14 @@ def test_onnx_int8_export_is_checked_against_fp32(saved, tmp_path, capsys):
     ops = {node.op_type for node in onnx.load(str(path)).graph.node}
     assert ops & {"MatMulInteger", "DynamicQuantizeMatMul"}  # int8 MatMuls written, not the fp32 model
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    x = torch.randn(5, 3, 16, 16)
+    x = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     (got,) = session.run(["logits"], {"images": x.numpy()})
+    got = torch.from_numpy(got)
     with torch.no_grad():
-        assert (torch.from_numpy(got) - model(x)).abs().max() < 0.5  # close to fp32, not equal
+        want = model(x)
+    assert want.abs().max() > 2 and want.std() > 1  # logits of a few units: the bound below means something
+    assert 0 < (got - want).abs().max() < 0.3  # quantised (not fp32 in disguise), yet close (~0.08 here)
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "m.int8.onnx"]  # the fp32 file was temporary
 
 

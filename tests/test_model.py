@@ -1,6 +1,7 @@
 import pytest
 import timm
 import torch
+from conftest import assert_matches_reference, randomize_
 
 import vit
 from vit.models.layers import Attention
@@ -28,15 +29,34 @@ def test_every_registered_model_matches_timm_parameter_count():
     assert checked >= 20
 
 
+# the ViT paper's sizes (Dosovitskiy et al. 2021, table 1; tiny and small from DeiT): (width, heads)
+FAMILY_DIMS = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12), "large": (1024, 16), "huge": (1280, 16)}
+
+
 @pytest.mark.parametrize("size", ["tiny", "small", "base", "large", "huge"])
 @pytest.mark.parametrize("patch", [8, 14, 16, 32])
 def test_every_family_runs_at_small_size(size, patch):
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
     name = f"vit_{size}_patch{patch}_224"
     assert name in vit.list_models()
     # the family's width/heads, shrunk in depth and image size so the test stays fast
-    model = vit.create_model(name, img_size=patch * 2, depth=1, num_classes=3).eval()
-    out = model(torch.randn(2, 3, patch * 2, patch * 2))
+    small = dict(img_size=patch * 2, depth=1, num_classes=3)
+    model = vit.create_model(name, **small).eval()
+    x = torch.randn(2, 3, patch * 2, patch * 2, generator=torch.Generator().manual_seed(0))
+    out = model(x)
     assert out.shape == (2, 3)
+    # the same model in timm: its own registered one where timm has the name, else its VisionTransformer with
+    # the paper's width and heads; every parameter random (built on meta: no init to pay for), loaded into ours
+    # by timm's names, the same outputs
+    with torch.device("meta"):
+        if name in timm.list_models():
+            reference = timm.create_model(name, pretrained=False, **small)
+        else:
+            width, heads = FAMILY_DIMS[size]
+            reference = TimmViT(patch_size=patch, embed_dim=width, num_heads=heads, **small)
+    reference = randomize_(reference.to_empty(device="cpu")).eval()
+    model.load_state_dict(reference.state_dict(), strict=True)
+    assert_matches_reference(model, reference, x)
 
 
 def test_registry_has_384_and_deit_variants():
@@ -52,14 +72,15 @@ def test_unknown_model_name_lists_close_names():
 
 
 def test_same_logits_as_timm_with_same_weights(tiny_kwargs):
-    for extra in ({}, {"global_pool": "avg"}, {"class_token": False, "global_pool": "avg"}, {"qkv_bias": False}):
+    for seed, extra in enumerate(({}, {"global_pool": "avg"}, {"class_token": False, "global_pool": "avg"},
+                                  {"qkv_bias": False})):
         kwargs = {**tiny_kwargs, **extra}
-        theirs = timm.models.VisionTransformer(**kwargs).eval()
+        # every parameter random: library defaults (LayerNorm 1/0, zero biases) hide swapped norms and biases
+        theirs = randomize_(timm.models.VisionTransformer(**kwargs), seed=seed).eval()
         ours = vit.VisionTransformer(**kwargs).eval()
         ours.load_state_dict(theirs.state_dict(), strict=True)
         x = torch.randn(2, 3, 32, 32)
-        torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(ours.forward_features(x), theirs.forward_features(x), atol=1e-5, rtol=1e-5)
+        assert_matches_reference(ours, theirs, x)  # tokens, pre-logits features and logits
 
 
 def test_forward_features_and_head_are_consistent(tiny_model):
@@ -131,11 +152,17 @@ def test_attention_maps_match_fused_attention(tiny_model):
 
 def test_distilled_model_matches_timm_deit():
     kwargs = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=7)
-    theirs = timm.models.deit.VisionTransformerDistilled(**kwargs).eval()
+    theirs = randomize_(timm.models.deit.VisionTransformerDistilled(**kwargs)).eval()  # every parameter random
     ours = vit.VisionTransformer(distilled=True, **kwargs).eval()
     ours.load_state_dict(theirs.state_dict(), strict=True)
     x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+    assert_matches_reference(ours, theirs, x)  # tokens, pre-logits (both tokens' mean) and logits
+    # the two heads differ once random: the logits are their mean, not either one alone
+    with torch.no_grad():
+        tokens = ours.forward_features(x)
+        cls_only, dist_only = ours.head(tokens[:, 0]), ours.head_dist(tokens[:, 1])
+        assert (cls_only - dist_only).abs().max() > 0.1
+        torch.testing.assert_close(ours(x), (cls_only + dist_only) / 2)
 
 
 def test_wrong_input_size_names_expected_and_got(tiny_model):
@@ -146,8 +173,16 @@ def test_wrong_input_size_names_expected_and_got(tiny_model):
 
 
 def test_dynamic_img_size_resamples_position_embeddings(tiny_kwargs):
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
     model = vit.VisionTransformer(**tiny_kwargs, dynamic_img_size=True).eval()
     assert model(torch.randn(1, 3, 48, 64)).shape == (1, 10)
+    # timm's dynamic_img_size model with the same random weights: the same outputs at 48x64 (a 6x8 grid from 4x4)
+    reference = randomize_(TimmViT(**tiny_kwargs, dynamic_img_size=True)).eval()
+    model.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, 48, 64, generator=torch.Generator().manual_seed(0))
+    assert_matches_reference(model, reference, x)
+    # ... and at the native size, where nothing is resampled
+    assert_matches_reference(model, reference, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_image_folder
+import torch.nn.functional as F
+from conftest import randomize_, write_image_folder
 
 import vit
 from vit.commands import predict as predict_cli
@@ -121,11 +122,40 @@ def test_visualize_writes_an_attention_overlay_png(trained, image_folder, tmp_pa
     assert visualize.main([image, "--checkpoint", str(tmp_path / "nope.ckpt")]) == 2
 
 
-def test_attention_rollout_is_a_distribution_over_patches():
-    model = vit.VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=3)
-    maps = model.attention_maps(torch.randn(2, 3, 16, 16))
-    rollout = attention_rollout(maps)
+@pytest.mark.parametrize("extra", [{}, {"reg_tokens": 2}], ids=["class token", "class token and 2 registers"])
+def test_attention_rollout_is_a_distribution_over_patches(extra):
+    # every parameter random, so that attention is far from uniform and differs between heads and blocks
+    model = randomize_(vit.VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                                             num_classes=3, **extra)).eval()
+    prefix = model.num_prefix_tokens  # class token (and registers) first, then the 4x4 patches
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    maps = model.attention_maps(x)
+    rollout = attention_rollout(maps, prefix)
     assert rollout.shape == (2, 16) and (rollout >= 0).all() and (rollout.sum(-1) <= 1 + 1e-5).all()
+    # the maps are each block's own attention: block 1's over block 0's output
+    with torch.no_grad():
+        tokens = model._embed(x)
+        for block, got in zip(model.blocks, maps):
+            assert got.shape == (2, 2, prefix + 16, prefix + 16)
+            torch.testing.assert_close(got, block.attn.attention_map(block.norm1(tokens)))
+            tokens = block(tokens)
+    # Abnar & Zuidema (2020) by hand: per block, heads averaged, identity added (the residual), rows renormalised;
+    # the class token's row after block 1 is its attention over block 1's inputs, each of which is a row of
+    # block 0's matrix over the image tokens: rollout[k] = sum_j A1[0, j] A0[j, k], then patches only
+    eye = torch.eye(prefix + 16)
+    a0, a1 = [(m.mean(dim=1) + eye) / (m.mean(dim=1) + eye).sum(dim=-1, keepdim=True) for m in maps]
+    expected = torch.einsum("bj,bjk->bk", a1[:, 0], a0)[:, prefix:]
+    torch.testing.assert_close(rollout, expected)
+    # a wrong implementation would show: the heads differ, and so does the other order of the blocks
+    assert (maps[0][:, 0] - maps[0][:, 1]).abs().max() > 0.1
+    assert (torch.einsum("bj,bjk->bk", a0[:, 0], a1)[:, prefix:] - expected).abs().max() > 1e-2
+    # "last": block 1's class-token row, heads averaged, without identity
+    torch.testing.assert_close(attention_rollout(maps, prefix, "last"), maps[1].mean(dim=1)[:, 0, prefix:])
+    # the heat map: the rollout on its 4x4 grid, upsampled bilinearly to the image, scaled to [0, 1] per image
+    heat = attention_map(model, x, "rollout")
+    up = F.interpolate(expected.reshape(2, 1, 4, 4), size=(16, 16), mode="bilinear", align_corners=False)[:, 0]
+    low, high = up.amin(dim=(1, 2), keepdim=True), up.amax(dim=(1, 2), keepdim=True)
+    torch.testing.assert_close(heat, (up - low) / (high - low))
     heat = attention_map(model, torch.randn(1, 3, 16, 16), "last")
     assert heat.shape == (1, 16, 16) and heat.min() == 0 and heat.max() == pytest.approx(1)
 

@@ -73,10 +73,18 @@ def test_checkpoint_with_other_classes_is_an_error_showing_both(tmp_path):
 
 def test_default_recipe_is_bit_identical_across_seeded_deterministic_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+
+    def flat(module):
+        return torch.cat([p.detach().flatten().clone() for p in module.parameters()])
+
+    initial = []  # each run's weights as training starts (Lightning calls on_fit_start before the first step)
+    monkeypatch.setattr(ImageClassifier, "on_fit_start", lambda self: initial.append(flat(self)), raising=False)
     runs = []
     for _ in range(2):
         app = main([*QUICK, "--trainer.deterministic", "true", "--model.backbone.drop_rate", "0.1"])
-        weights = torch.cat([p.detach().flatten() for p in app.model.parameters()])
-        runs.append(({k: float(v) for k, v in app.trainer.callback_metrics.items()}, weights))
+        runs.append(({k: float(v) for k, v in app.trainer.callback_metrics.items()}, flat(app.model)))
     assert runs[0][0] == runs[1][0] and runs[0][0]
     assert torch.equal(runs[0][1], runs[1][1])
+    # ... and not because nothing was trained: the weights moved away from their (equally seeded) start
+    assert len(initial) == 2 and torch.equal(initial[0], initial[1])
+    assert initial[0].shape == runs[0][1].shape and (runs[0][1] - initial[0]).abs().max() > 1e-4
