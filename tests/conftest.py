@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,3 +138,24 @@ def assert_loss_fell(losses: list[float], window: int = 3, factor: float = 0.9) 
     assert len(losses) >= 2 * window, losses
     first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
     assert last < factor * first, f"the loss did not fall: {first:.3f} -> {last:.3f} ({losses})"
+
+
+REPO = Path(__file__).resolve().parent.parent  # the repository root (tests/ live one level down)
+
+# a callback file the resume tests put beside a run: it SIGKILLs the process after a given step
+KILL_AT = """
+import os, signal
+from lightning.pytorch.callbacks import Callback
+
+
+class KillAt(Callback):
+    \"\"\"SIGKILLs its own process once `step` optimizer steps are done, like a node lost without warning: no
+    handler runs, nothing is saved; only what is already on disk survives.\"\"\"
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+"""

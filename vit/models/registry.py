@@ -67,7 +67,7 @@ def _build_table() -> dict[str, ViTConfig]:
 
 
 # The families people fine-tune today, with timm's names and arguments (their defaults: timm's, checked by
-# tests/test_registry.py against timm's own models, parameter for parameter).
+# tests/models/test_registry.py against timm's own models, parameter for parameter).
 _GIANT = dict(embed_dim=1536, depth=40, num_heads=24, mlp_ratio=2.66667 * 2, mlp_layer="swiglu", act_layer="silu")
 _MEDIUM = dict(embed_dim=512, depth=12, num_heads=8)
 _SO400M = dict(embed_dim=1152, depth=27, num_heads=16, mlp_ratio=3.7362)

@@ -178,7 +178,7 @@ def test_default_run_on_a_fresh_clone_prints_no_warnings(tmp_path):
     import re
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
     env["OMP_NUM_THREADS"] = os.environ.get("VIT_TEST_THREADS", "2")
-    train = Path(__file__).resolve().parent.parent / "train.py"
+    train = Path(__file__).resolve().parents[2] / "train.py"
     proc = subprocess.run([sys.executable, str(train), "--trainer.max_epochs", "3"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -271,7 +271,7 @@ def test_ddp_two_cpu_processes_train_in_sync(tmp_path):
 
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -340,7 +340,7 @@ def test_torchrun_launches_a_two_process_ddp_fit_on_cpu(tmp_path):
     torchrun = shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun is not on PATH")
-    train = Path(__file__).resolve().parent.parent / "train.py"
+    train = Path(__file__).resolve().parents[2] / "train.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(train), "fit", "--config",
                            str(DEFAULT_CONFIG), "--trainer.accelerator", "cpu", "--trainer.devices", "2",

@@ -16,7 +16,7 @@ from vit.training.cli import cli
 from vit.training.optim import param_groups
 
 TINY = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
-RECIPES = Path(__file__).resolve().parent.parent / "configs" / "finetune"
+RECIPES = Path(__file__).resolve().parents[2] / "configs" / "finetune"
 
 
 def _trainer(tmp_path, **kwargs):

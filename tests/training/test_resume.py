@@ -11,6 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from conftest import KILL_AT, REPO
 from vit.data import ImageDataModule
 from vit.tasks.backbone import Backbone
 from vit.tasks.classification import ImageClassifier
@@ -19,7 +20,6 @@ from vit.training.resume import (AtomicCheckpointIO, ResumeState, SaveOnSignal, 
 
 TINY = dict(backbone=Backbone(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, drop_rate=0.1,
                               drop_path_rate=0.1), num_classes=10)
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_atomic_write_keeps_previous_file_when_interrupted(tmp_path, monkeypatch):
@@ -113,24 +113,6 @@ def _cli(cwd, *args):
            "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps=4",
            "--trainer.callbacks.save_last=true", "--trainer.callbacks.save_top_k=0", *args]
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-KILL_AT = """
-import os, signal
-from lightning.pytorch.callbacks import Callback
-
-
-class KillAt(Callback):
-    \"\"\"SIGKILLs its own process once `step` optimizer steps are done, like a node lost without warning: no
-    handler runs, nothing is saved; only what is already on disk survives.\"\"\"
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, *args):
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
-"""
 
 
 def _final_weights(cwd):

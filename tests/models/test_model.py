@@ -20,7 +20,7 @@ def test_every_registered_model_matches_timm_parameter_count():
     checked = 0
     for name in vit.list_models():
         if name not in timm.list_models() or any(f in name for f in ("dinov2", "deit3_", "_clip_", "_siglip_")):
-            continue  # the newer families: tests/test_registry.py, shape by shape
+            continue  # the newer families: tests/models/test_registry.py, shape by shape
         with torch.device("meta"):
             ours = vit.create_model(name)
             theirs = timm.create_model(name, num_classes=ours.num_classes)

@@ -18,7 +18,7 @@ from vit.features import Features, extract_features, knn_classify, linear_probe,
 from vit.features.backbone import load_backbone
 from vit.tasks.backbone import Backbone
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SMALL = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
 
 

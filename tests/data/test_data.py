@@ -330,7 +330,7 @@ def test_ddp_processes_on_a_node_share_one_decoded_copy(tmp_path):
     root = write_image_folder(tmp_path / "images", per_class=6, size=16)  # train/ and val/: two caches
     script = tmp_path / "ddp_cache.py"
     script.write_text(DDP_CACHE_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(root)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=420, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -18,7 +18,7 @@ from vit.training.cli import main as train_main
 TINY = ["--model.backbone.embed_dim", "32", "--model.backbone.depth", "2", "--model.backbone.num_heads", "2", "--model.backbone.patch_size", "4",
         "--data.img_size", "16", "--data.batch_size", "8", "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "1"]
-RECIPE = Path(__file__).resolve().parent.parent / "configs" / "imagefolder.yaml"
+RECIPE = Path(__file__).resolve().parents[2] / "configs" / "imagefolder.yaml"
 
 
 CLASSES = ["cat", "dog", "fox"]  # three, so a model that always answers one class is right a third of the time

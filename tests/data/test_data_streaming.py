@@ -279,7 +279,7 @@ def run_ddp(tmp_path, kind, root):
     from pathlib import Path
     script = tmp_path / "ddp_stream.py"
     script.write_text(DDP_SCRIPT)
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
     proc = subprocess.run([sys.executable, str(script), str(tmp_path), kind, str(root)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=420)
@@ -367,7 +367,7 @@ def _stream_cli(cwd, root, *args):
     import subprocess
     import sys
 
-    from test_resume import REPO
+    from conftest import REPO
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(cwd)])}
     cmd = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs" / "imagefolder.yaml"),
            "--data.dataset", "streaming", "--data.root", str(root), "--trainer.max_epochs", "3",
@@ -387,7 +387,7 @@ def test_sigkill_mid_epoch_then_resume_trains_the_rest_of_the_stream(shards, tmp
     an uninterrupted run (2 loader workers: litdata reads ahead in them, but counts only the batches handed out)."""
     import signal
 
-    from test_resume import KILL_AT
+    from conftest import KILL_AT
     _, out, _ = shards
     for run in ("a", "b"):
         (tmp_path / run).mkdir()
