@@ -16,11 +16,13 @@ from .models.registry import list_models
 from .models.vision import VisionTransformer
 
 __all__ = ["VisionTransformer", "ViTConfig", "create_model", "list_models", "load_pretrained", "save_pretrained",
-           "export_state_dict", "CheckpointError", "ImageClassifier", "ImageDataModule", "Backbone", "create_runner"]
+           "export_state_dict", "CheckpointError", "ImageClassifier", "ImageDataModule", "Backbone", "create_runner",
+           "ObjectDetector", "DetectionDataModule"]
 
 # Lightning- and runtime-side names load on first use, so `import vit` for the model alone stays light.
 _LAZY = {"ImageClassifier": "vit.tasks.classification", "Backbone": "vit.tasks.backbone",
-         "ImageDataModule": "vit.data", "create_runner": "vit.deploy.runners"}
+         "ImageDataModule": "vit.data", "create_runner": "vit.deploy.runners",
+         "ObjectDetector": "vit.tasks.detection", "DetectionDataModule": "vit.data.detection"}
 
 
 def __getattr__(name: str):

@@ -2,4 +2,5 @@
 description (architecture + overrides + pretrained source + freezing + layer decay).
 
     classification.py   ImageClassifier
+    detection.py        ObjectDetector (Faster R-CNN from torchvision) on pyramid.py, ViTDet's simple feature pyramid
 """

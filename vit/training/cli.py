@@ -1,4 +1,5 @@
-"""Training CLI: LightningCLI over ImageClassifier + ImageDataModule, with the default recipe built in."""
+"""Training CLI: LightningCLI over the recipe's task (classification: ImageClassifier + ImageDataModule; detection:
+ObjectDetector + DetectionDataModule), with the default recipe built in."""
 from __future__ import annotations
 
 import logging
@@ -9,6 +10,7 @@ import sys
 import time
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_type_hints
 
@@ -22,9 +24,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
-from ..data import ImageDataModule
 from ..tasks.backbone import OVERRIDE_FIELDS
-from ..tasks.classification import ImageClassifier
 from .resume import (AtomicCheckpointIO, LastCheckpoint, ResumeState, SaveOnSignal, TrainingInterrupted,
                      find_last_checkpoint)
 
@@ -33,16 +33,87 @@ DEFAULT_ROOT = "runs"  # trainer.default_root_dir unless given: logs, checkpoint
 RUN_NAME = "vit"  # runs are <root>/vit/version_N
 
 
+@dataclass(frozen=True)
+class Task:
+    """An image task as the training CLI knows it: its LightningModule and DataModule (by import path, so a task is
+    only imported when a recipe asks for it), the data -> model values that must agree, the metric the
+    checkpoints follow and the one the default run reports."""
+
+    module: str
+    data: str
+    links: tuple[tuple[str, str, str], ...]  # (data key, model key, "parse" or "instantiate")
+    monitor: str
+    checkpoint_name: str
+
+    def classes(self) -> tuple[type, type]:
+        import importlib
+        return tuple(getattr(importlib.import_module(path.rpartition(".")[0]), path.rpartition(".")[2])
+                     for path in (self.module, self.data))
+
+
+# The recipe's top-level `task:` key picks one (classification when absent).
+TASKS = {
+    "classification": Task("vit.tasks.classification.ImageClassifier", "vit.data.ImageDataModule",
+                           (("data.num_classes", "model.num_classes", "instantiate"),
+                            ("data.class_names", "model.class_names", "instantiate"),
+                            ("data.img_size", "model.backbone.img_size", "parse"),
+                            ("data.in_chans", "model.backbone.in_chans", "parse")),
+                           "val/acc", "epoch{epoch:03d}-acc{val/acc:.4f}"),
+    "detection": Task("vit.tasks.detection.ObjectDetector", "vit.data.detection.DetectionDataModule",
+                      (("data.num_classes", "model.num_classes", "instantiate"),
+                       ("data.class_names", "model.class_names", "instantiate"),
+                       ("data.img_size", "model.image_size", "parse")),
+                      "val/map", "epoch{epoch:03d}-map{val/map:.4f}"),
+}
+
+
+def task_of(args) -> str:
+    """The task a command line asks for: ``--task NAME``, else the last ``task:`` of its ``--config`` files, else
+    classification.
+
+    Example:
+        >>> task_of(["fit", "--task", "detection"]), task_of(["fit", "--model.lr", "0.1"])
+        ('detection', 'classification')
+    """
+    found = "classification"
+    if isinstance(args, (Mapping, Namespace)):
+        config = args.as_dict() if isinstance(args, Namespace) else args
+        return str(config.get("task") or found)
+    args = list(args or [])
+    for i, arg in enumerate(args):
+        path = args[i + 1] if arg in ("--config", "-c") and i + 1 < len(args) else \
+            arg.split("=", 1)[1] if arg.startswith("--config=") else None
+        if path and Path(path).is_file():
+            try:
+                config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            except yaml.YAMLError:
+                continue  # jsonargparse reports a broken file itself
+            if isinstance(config, Mapping) and config.get("task"):
+                found = str(config["task"])
+        if arg == "--task" and i + 1 < len(args):
+            found = args[i + 1]
+        elif arg.startswith("--task="):
+            found = arg.split("=", 1)[1]
+    if found not in TASKS:
+        raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {found!r}")
+    return found
+
+
 class VitCLI(LightningCLI):
-    """LightningCLI with the data -> model links that must agree (classes, image size, channels)."""
+    """LightningCLI over the recipe's task (``task:``; classification by default) with the data -> model links that
+    must agree (classes, image size, channels)."""
 
     phase = "parse"  # "configure" while building classes, "run" once a Trainer method runs (for main's errors)
 
+    def __init__(self, *args, task: str = "classification", **kwargs):
+        self.task_name, self.task = task, TASKS[task]
+        super().__init__(*self.task.classes(), *args, **kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
-        parser.link_arguments("data.img_size", "model.backbone.img_size")
-        parser.link_arguments("data.in_chans", "model.backbone.in_chans")
+        parser.add_argument("--task", choices=list(TASKS), default=self.task_name,
+                            help="the image task of the recipe: its model and data classes and their links")
+        for source, target, when in self.task.links:
+            parser.link_arguments(source, target, apply_on=when)
 
     def _subcommand_config(self, config):
         """The running subcommand's part of a parsed config (the whole config when there is no subcommand)."""
@@ -161,16 +232,17 @@ def check_moved_keys(args) -> None:
                          f"weights, freezing, layer decay; see configs/digits.yaml)")
 
 
-def trainer_defaults() -> dict:
+def trainer_defaults(task: str = "classification") -> dict:
     """What every recipe gets unless it overrides it: the run root ``runs/`` (``trainer.default_root_dir``), and
-    callbacks: best + last checkpoints on val accuracy, LR monitor, rich progress bar, exact resume, save on
-    SIGTERM/SIGINT. ``VitCLI.instantiate_trainer`` adds the loggers (``default_loggers``) and ``AtomicCheckpointIO``.
+    callbacks: best + last checkpoints on the task's validation metric (accuracy, mAP), LR monitor, rich progress
+    bar, exact resume, save on SIGTERM/SIGINT. ``VitCLI.instantiate_trainer`` adds the loggers
+    (``default_loggers``) and ``AtomicCheckpointIO``.
     """
     return {
         "default_root_dir": DEFAULT_ROOT,
         "callbacks": [
-            LastCheckpoint(monitor="val/acc", mode="max", save_last=True, auto_insert_metric_name=False,
-                            filename="epoch{epoch:03d}-acc{val/acc:.4f}"),
+            LastCheckpoint(monitor=TASKS[task].monitor, mode="max", save_last=True, auto_insert_metric_name=False,
+                           filename=TASKS[task].checkpoint_name),
             LearningRateMonitor(logging_interval="step"),
             RichProgressBar(),
             ResumeState(),
@@ -300,9 +372,9 @@ def _next_version(folder: Path) -> int:
 
 def cli(args: list[str] | None = None, run: bool = True) -> VitCLI:
     _ignore_library_notices()
-    return VitCLI(ImageClassifier, ImageDataModule, args=args, run=run, trainer_class=VitTrainer,
-                  trainer_defaults=trainer_defaults(), save_config_kwargs={"overwrite": True},
-                  seed_everything_default=42)
+    task = task_of(args)
+    return VitCLI(task=task, args=args, run=run, trainer_class=VitTrainer, trainer_defaults=trainer_defaults(task),
+                  save_config_kwargs={"overwrite": True}, seed_everything_default=42)
 
 
 def _ignore_library_notices() -> None:
@@ -377,7 +449,9 @@ def run_default(extra: list[str]) -> VitCLI:
         raise SystemExit(f"default recipe not found: {DEFAULT_CONFIG}; run from a clone of the repository "
                          f"or pass a recipe: python train.py fit --config <recipe>.yaml")
     start = time.perf_counter()
-    app = cli(["fit", "--config", str(DEFAULT_CONFIG), *extra])
+    # the digits recipe is the base of a classification run; another task's recipe stands on its own
+    base = ["--config", str(DEFAULT_CONFIG)] if task_of(extra) == "classification" else []
+    app = cli(["fit", *base, *extra])
     if app.model.hparams.get("schedule") == "budget":
         weights = None  # the model as training left it
     else:
@@ -386,8 +460,13 @@ def run_default(extra: list[str]) -> VitCLI:
         weights = getattr(app.trainer.checkpoint_callback, "best_model_path", "") or "best"
     results = app.trainer.test(app.model, datamodule=app.datamodule, ckpt_path=weights)
     wall = time.perf_counter() - start
-    acc = results[0]["test/acc"] if results else float("nan")
+    metrics = results[0] if results else {}
+    if app.task_name == "detection":
+        score = (f"test mAP@50: {metrics.get('test/map_50', float('nan')):.4f}, "
+                 f"mAP: {metrics.get('test/map', float('nan')):.4f}")
+    else:
+        score = f"test accuracy: {metrics.get('test/acc', float('nan')):.4f}"
     if app.trainer.is_global_zero:
-        print(f"{app.datamodule.dataset} test accuracy: {acc:.4f} on {len(app.datamodule.test_set)} held-out "
-              f"images | wall time: {wall:.1f} s", flush=True)
+        print(f"{app.datamodule.dataset} {score} on {len(app.datamodule.test_set)} held-out images | wall time: "
+              f"{wall:.1f} s", flush=True)
     return app

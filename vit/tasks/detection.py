@@ -1,0 +1,269 @@
+"""ObjectDetector: the LightningModule that trains a ViTDet-style detector (ViT + simple feature pyramid +
+torchvision's Faster R-CNN heads) and scores it with COCO mAP."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics.detection import MeanAveragePrecision
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.ops import MultiScaleRoIAlign
+
+from ..training.optim import param_groups, warmup_cosine
+from ..utils.ranges import (
+    Fraction,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    plain,
+    range_problems,
+)
+from .backbone import OVERRIDE_FIELDS, Backbone
+from .pyramid import SimpleFeaturePyramid, norm_and_bias_names
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# the scalar results of MeanAveragePrecision, logged as <split>/<name>
+MAP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100",
+            "mar_small", "mar_medium", "mar_large")
+
+
+class ObjectDetector(L.LightningModule):
+    """Train an object detector on a ViT: ViTDet's simple feature pyramid (``vit.tasks.pyramid``) under
+    torchvision's Faster R-CNN (RPN with one anchor size per pyramid level, RoI align over the pyramid's maps);
+    AdamW with layer-wise LR decay, linear warm-up + cosine decay; COCO mAP (torchmetrics, pycocotools backend).
+
+    Targets use labels 0..K-1 (``vit.data.detection``); Faster R-CNN reserves 0 for the background, so this module
+    adds 1 going in and subtracts it coming out: predictions and metrics use the data's labels. Images are float
+    tensors in [0, 1]: the detector normalises them itself, with the pretrained weights' mean/std (ImageNet's if
+    they record none), resizes their longer side to ``image_size`` and pads each batch to the pyramid's coarsest
+    stride.
+
+    The ViT is built at ``image_size`` (a pretrained position table is resampled once, at load, so the usual
+    input costs nothing extra) and with ``dynamic_img_size`` on, so a batch padded to another size (non-square
+    images at evaluation) still runs, its position table resampled for that call.
+
+    Args:
+        backbone: the ViT (``arch``, ``pretrained``, ``freeze``, ``layer_decay``, ``grad_checkpointing``, ViTConfig
+            overrides); see ``vit.tasks.backbone.Backbone``. Its patch strides must come out powers of two
+            (patch 8, 16, 32): torchvision's RoI align assumes them (for a patch-14 checkpoint set
+            ``patch_size: 16``, the kernel is resampled).
+        num_classes: object classes, without the background (the CLI links it from data.num_classes).
+        class_names: class names saved in checkpoints for prediction (the CLI links them from data.class_names).
+        detector: the detection head: "faster_rcnn".
+        image_size: side of the square input (longer side resized to it); None = the backbone's img_size (with
+            only ``pretrained`` given: the checkpoint's).
+        out_channels: channels of the feature pyramid's maps.
+        lr: peak AdamW learning rate, reached after the warm-up (scaled per layer by backbone.layer_decay).
+        weight_decay: AdamW weight decay; never applied to position embeddings, tokens, norms and biases.
+        warmup_epochs: epochs of linear learning-rate warm-up (fractions allowed; at most half of training).
+        min_lr_ratio: learning rate at the end of the cosine decay, as a fraction of lr.
+        representation_size: width of the box head's two fully connected layers.
+        roi_batch_size: proposals sampled per image to train the box head (torchvision's box_batch_size_per_image).
+        score_thresh: detections scoring below this are dropped at inference.
+        detections_per_img: most detections kept per image at inference.
+
+    Example:
+        >>> module = ObjectDetector(Backbone(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2),
+        ...                         num_classes=3, out_channels=16, representation_size=32)
+        >>> _ = module.eval(); [tuple(d["boxes"].shape[1:]) for d in module([torch.rand(3, 32, 24)])]
+        [(4,)]
+    """
+
+    def __init__(self, backbone: Backbone = Backbone(), num_classes: int = 80, class_names: list[str] | None = None,
+                 detector: Literal["faster_rcnn"] = "faster_rcnn", image_size: PositiveInt | None = None,
+                 out_channels: PositiveInt = 256, lr: PositiveFloat = 1e-4, weight_decay: NonNegativeFloat = 0.1,
+                 warmup_epochs: NonNegativeFloat = 1.0, min_lr_ratio: Fraction = 0.01,
+                 representation_size: PositiveInt = 1024, roi_batch_size: PositiveInt = 512,
+                 score_thresh: Fraction = 0.05, detections_per_img: PositiveInt = 100):
+        super().__init__()
+        (image_size, out_channels, lr, weight_decay, warmup_epochs, min_lr_ratio, representation_size, roi_batch_size,
+         score_thresh, detections_per_img) = plain(image_size, out_channels, lr, weight_decay, warmup_epochs,
+                                                   min_lr_ratio, representation_size, roi_batch_size, score_thresh,
+                                                   detections_per_img)
+        self.backbone = Backbone.from_value(backbone)
+        backbone = self.backbone.as_dict()  # checkpoints hold plain values (read with weights_only=True)
+        self.save_hyperparameters()
+        _check_args(num_classes=num_classes, class_names=class_names, detector=detector, lr=lr,
+                    weight_decay=weight_decay, warmup_epochs=warmup_epochs, min_lr_ratio=min_lr_ratio,
+                    score_thresh=score_thresh)
+        self.class_names = list(class_names) if class_names is not None else None
+        # Built (and pretrained weights read) here: a resumed .ckpt is restored after __init__ and must win.
+        vit = dataclasses.replace(self.backbone, img_size=_image_size(self.backbone, image_size),
+                                  dynamic_img_size=True).build(num_classes=0)
+        if vit.img_size[0] != vit.img_size[1]:
+            raise ValueError(f"model.image_size: required with a non-square backbone img_size {list(vit.img_size)}")
+        self.image_size = vit.img_size[0]  # given, the backbone's, or (pretrained, neither given) the checkpoint's
+        pyramid = SimpleFeaturePyramid(vit, out_channels=out_channels)
+        self.detector = build_faster_rcnn(pyramid, num_classes, self.image_size, representation_size, score_thresh,
+                                          detections_per_img, roi_batch_size)
+        # the classes seen by the metric are the data's 0..K-1 (predictions shifted back)
+        self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
+        self.test_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Detections (eval mode) with the data's labels 0..K-1: ``boxes`` (N, 4) xyxy pixels of each input
+        image, ``scores``, ``labels``."""
+        return [{**d, "labels": d["labels"] - 1} for d in self.detector(list(images))]
+
+    # ---- steps -----------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        # Faster R-CNN's label 0 is the background: class k is its label k + 1 (the one place it is shifted)
+        targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]
+        losses = self.detector(list(images), targets)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss at step {self.global_step} "
+                                     f"({ {k: float(v) for k, v in losses.items()} }); lower model.lr or raise "
+                                     f"model.warmup_epochs")
+        batch_size = len(images)
+        for name, value in losses.items():  # loss_classifier, loss_box_reg, loss_objectness, loss_rpn_box_reg
+            self.log(f"train/{name}", value.detach(), batch_size=batch_size)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, targets = batch
+        self.val_map.update(self(images), _metric_targets(targets))
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        images, targets = batch
+        self.test_map.update(self(images), _metric_targets(targets))
+
+    def predict_step(self, batch, batch_idx: int) -> list[dict[str, torch.Tensor]]:
+        images = batch[0] if isinstance(batch, (list, tuple)) and isinstance(batch[0], (list, tuple)) else batch
+        return self(images)
+
+    def on_validation_epoch_end(self) -> None:
+        self.epoch_map(self.val_map, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self.epoch_map(self.test_map, "test")
+
+    def epoch_map(self, metric: MeanAveragePrecision, split: str) -> dict[str, float]:
+        """Compute, log as ``<split>/map``, ``<split>/map_50`` ... and reset; returns the logged values."""
+        results = metric.compute()
+        metric.reset()
+        values = {f"{split}/{key}": float(results[key]) for key in MAP_KEYS if key in results}
+        if self._trainer is not None:
+            for name, value in values.items():
+                self.log(name, value, prog_bar=name == f"{split}/map", sync_dist=False)
+        return values
+
+    # ---- optimisation ----------------------------------------------------------------------------
+    def no_weight_decay(self) -> set[str]:
+        """The ViT's and the pyramid's no-decay names, and every bias and norm parameter of the heads."""
+        backbone = self.detector.backbone
+        names = {f"detector.backbone.{n}" for n in backbone.no_weight_decay()}
+        for part in ("rpn", "roi_heads"):
+            names |= {f"detector.{part}.{n}" for n in norm_and_bias_names(getattr(self.detector, part))}
+        return names
+
+    def layer_ids(self) -> dict[str, int]:
+        """Depth of every parameter for layer-wise LR decay: the ViT's layers, then the pyramid and the heads on top."""
+        ids = {f"detector.backbone.{n}": i for n, i in self.detector.backbone.layer_ids().items()}
+        top = max(ids.values(), default=0)
+        return {n: ids.get(n, top) for n, _ in self.named_parameters()}
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = param_groups(self, hp.weight_decay, self.backbone.layer_decay)
+        for group in groups:
+            group["lr"] = hp.lr * group["lr_scale"]
+            group.pop("names")
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        warmup = min(int(round(hp.warmup_epochs * total / max_epochs)), total // 2)
+        schedule = LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total, hp.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
+                             weights_only: bool | None = True, **kwargs):
+        """Lightning's ``load_from_checkpoint``, with ``weights_only=True`` unless told otherwise."""
+        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
+                                            strict=strict, weights_only=weights_only, **kwargs)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["class_names"] = self.class_names
+        hparams = checkpoint.get("hyper_parameters")
+        if hparams is not None and (hparams.get("backbone") or {}).get("pretrained"):
+            # the weights are in the checkpoint: record the architecture instead of the source
+            arch = self.detector.backbone.vit.config.to_dict()
+            hparams["backbone"] = {**hparams["backbone"], "pretrained": None, "arch": None,
+                                   **{k: arch[k] for k in OVERRIDE_FIELDS}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("class_names")
+        if saved is not None and self.class_names is not None and list(saved) != list(self.class_names):
+            raise ValueError(f"the checkpoint's classes differ from the data's:\n  checkpoint ({len(saved)}): "
+                             f"{list(saved)}\n  data       ({len(self.class_names)}): {list(self.class_names)}")
+        if saved is not None and self.class_names is None:
+            self.class_names = list(saved)
+
+
+def build_faster_rcnn(pyramid: SimpleFeaturePyramid, num_classes: int, image_size: int,
+                      representation_size: int = 1024, score_thresh: float = 0.05,
+                      detections_per_img: int = 100, roi_batch_size: int = 512) -> FasterRCNN:
+    """torchvision's Faster R-CNN over a simple feature pyramid: everything about levels read from its spec
+    (anchor sizes 8 x stride, one per level, three aspect ratios; RoI align over the non-extra maps; batches padded
+    to the coarsest stride), normalisation with the ViT's pretrained mean/std. ``num_classes`` excludes the
+    background."""
+    spec = pyramid.spec
+    if not spec.power_of_two:
+        raise ValueError(f"model.backbone.patch_size {spec.patch_size} gives pyramid strides {list(spec.strides)}, "
+                         f"but torchvision's RoI align assumes powers of two; use patch size 8, 16 or 32 (a "
+                         f"checkpoint's patch kernel is resampled: set model.backbone.patch_size: 16)")
+    anchors = AnchorGenerator(sizes=tuple((int(8 * s),) for s in spec.strides),
+                              aspect_ratios=((0.5, 1.0, 2.0),) * len(spec.names))
+    roi_pool = MultiScaleRoIAlign(featmap_names=list(spec.roi_names), output_size=7, sampling_ratio=2)
+    cfg = getattr(pyramid.vit, "pretrained_cfg", None) or {}
+    mean, std = cfg.get("mean") or IMAGENET_MEAN, cfg.get("std") or IMAGENET_STD
+    return FasterRCNN(pyramid, num_classes=None, min_size=image_size, max_size=image_size,
+                      image_mean=list(mean), image_std=list(std), size_divisible=spec.size_divisibility,
+                      rpn_anchor_generator=anchors, box_roi_pool=roi_pool,
+                      box_head=TwoMLPHead(spec.channels * 7 * 7, representation_size),
+                      box_predictor=FastRCNNPredictor(representation_size, num_classes + 1),
+                      box_score_thresh=score_thresh, box_detections_per_img=detections_per_img,
+                      box_batch_size_per_image=roi_batch_size)
+
+
+def _metric_targets(targets: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    return [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
+
+
+def _image_size(backbone: Backbone, image_size: int | None) -> int | None:
+    """The img_size to build the ViT at: the given one, or the backbone's (None: a checkpoint's own)."""
+    if image_size is None:
+        return None if backbone.pretrained and backbone.img_size is None else backbone.img_size or \
+            backbone.config().img_size
+    size = backbone.config().image_hw
+    if backbone.img_size is not None and tuple(size) != (image_size, image_size):
+        raise ValueError(f"model.image_size {image_size} differs from model.backbone.img_size {backbone.img_size}; "
+                         f"set one of them")
+    return image_size
+
+
+def _check_args(*, num_classes, class_names, detector, lr, weight_decay, warmup_epochs, min_lr_ratio,
+                score_thresh) -> None:
+    problems = range_problems("model", {"lr": (PositiveFloat, lr), "weight_decay": (NonNegativeFloat, weight_decay),
+                                        "warmup_epochs": (NonNegativeFloat, warmup_epochs),
+                                        "min_lr_ratio": (Fraction, min_lr_ratio),
+                                        "score_thresh": (Fraction, score_thresh)})
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        problems.append(f"model.num_classes: expected a positive integer (object classes, without the "
+                        f"background), got {num_classes!r}")
+    elif class_names is not None and len(class_names) != num_classes:
+        problems.append(f"model.class_names has {len(class_names)} names but model.num_classes is {num_classes}")
+    if detector != "faster_rcnn":
+        problems.append(f"model.detector: expected 'faster_rcnn', got {detector!r}")
+    if problems:
+        raise ValueError("invalid detector configuration:\n  " + "\n  ".join(problems))
+
