@@ -101,6 +101,8 @@ class ObjectDetector(L.LightningModule):
         pyramid = SimpleFeaturePyramid(vit, out_channels=out_channels)
         self.detector = build_faster_rcnn(pyramid, num_classes, self.image_size, representation_size, score_thresh,
                                           detections_per_img, roi_batch_size)
+        # Lightning's model summary runs this once (in eval mode) through the model, so its FLOPs are counted
+        self.example_input_array = {"images": [torch.zeros(3, self.image_size, self.image_size)]}
         # the classes seen by the metric are the data's 0..K-1 (predictions shifted back)
         self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
         self.test_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
