@@ -16,7 +16,7 @@ from .cache import NodeShare
 from .datasets import CIFAR10_CLASSES, DIGITS_CLASSES, ArrayDataset, load_digits_arrays
 from .folder import FileDataset, find_classes, list_images
 from .folder import scan_image_folder as _scan
-from .sampling import EpochSampler
+from .sampling import EpochSampler, process_share, training_position
 from .transforms import AUGMENT_PRESETS, IMAGENET_MEAN, IMAGENET_STD, eval_transform, match_channels, train_transform
 
 DATASETS = ("digits", "imagefolder", "cifar10", "cifar100", "hf", "streaming")
@@ -321,24 +321,15 @@ class ImageDataModule(L.LightningDataModule):
                           generator=torch.Generator().manual_seed(self.seed))
 
     def _process_share(self) -> dict:
-        """``num_replicas`` and ``rank`` of this process, as Lightning would give its own DistributedSampler."""
-        trainer = getattr(self, "trainer", None)
-        kwargs = trainer.distributed_sampler_kwargs if trainer is not None else None
-        if not kwargs:  # no trainer, or one process
-            return {"num_replicas": 1, "rank": 0}
-        return {"num_replicas": int(kwargs["num_replicas"]), "rank": int(kwargs["rank"])}
+        return process_share(self)
 
     # ---- resuming --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Saved in every checkpoint: where training stands in the data (epoch, batches done in it)."""
-        trainer = getattr(self, "trainer", None)
-        if trainer is None or not trainer.training:
+        state = training_position(self)
+        if not state:
             return {}
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        epoch = trainer.current_epoch
-        if done >= trainer.num_training_batches:  # saved at the end of an epoch: the next one starts afresh
-            epoch, done = epoch + 1, 0
-        state = {"epoch": int(epoch), "batches_done": int(done)}
+        done = state["batches_done"]
         loader = self._train_stream
         if loader is not None:
             # litdata counts the samples its loader has handed out; Lightning does not fetch ahead of a loader with

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..utils.ranges import Fraction, NonNegativeInt, PositiveInt, plain, range_problems
 from .folder import check_images
 from .images import BadImageError, SkipLog, load_image
-from .sampling import EpochSampler, seed_transform, split_index
+from .sampling import EpochSampler, process_share, seed_transform, split_index, training_position
 
 SHAPES_CLASSES = ("square", "circle", "triangle")
 SPLITS = ("train", "val", "test")
@@ -442,21 +442,11 @@ class DetectionDataModule(L.LightningDataModule):
                           pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(self.seed))
 
     def _process_share(self) -> dict:
-        trainer = getattr(self, "trainer", None)
-        kwargs = trainer.distributed_sampler_kwargs if trainer is not None else None
-        if not kwargs:
-            return {"num_replicas": 1, "rank": 0}
-        return {"num_replicas": int(kwargs["num_replicas"]), "rank": int(kwargs["rank"])}
+        return process_share(self)
 
     # ---- resuming (as ImageDataModule: the position in the data is saved in every checkpoint) ----------------
     def state_dict(self) -> dict:
-        trainer = getattr(self, "trainer", None)
-        if trainer is None or not trainer.training:
-            return {}
-        done, epoch = trainer.fit_loop.epoch_loop.batch_progress.current.processed, trainer.current_epoch
-        if done >= trainer.num_training_batches:  # saved at the end of an epoch: the next one starts afresh
-            epoch, done = epoch + 1, 0
-        return {"epoch": int(epoch), "batches_done": int(done)}
+        return training_position(self)
 
     def load_state_dict(self, state: dict) -> None:
         if state:

@@ -68,3 +68,26 @@ def split_index(item) -> tuple[int, int | None]:
     if isinstance(item, (tuple, list)):
         return int(item[0]), int(item[1])
     return int(item), None
+
+
+def process_share(datamodule) -> dict:
+    """``num_replicas`` and ``rank`` of this process, as Lightning would give its own DistributedSampler (one
+    process, rank 0, when the datamodule has no trainer yet)."""
+    trainer = getattr(datamodule, "trainer", None)
+    kwargs = trainer.distributed_sampler_kwargs if trainer is not None else None
+    if not kwargs:  # no trainer, or one process
+        return {"num_replicas": 1, "rank": 0}
+    return {"num_replicas": int(kwargs["num_replicas"]), "rank": int(kwargs["rank"])}
+
+
+def training_position(datamodule) -> dict:
+    """Where fitting stands in the data, for a datamodule's ``state_dict`` (saved in every checkpoint):
+    ``{"epoch", "batches_done"}``, or ``{}`` outside fitting. Saved at the end of an epoch, the next one starts
+    afresh."""
+    trainer = getattr(datamodule, "trainer", None)
+    if trainer is None or not trainer.training:
+        return {}
+    done, epoch = trainer.fit_loop.epoch_loop.batch_progress.current.processed, trainer.current_epoch
+    if done >= trainer.num_training_batches:
+        epoch, done = epoch + 1, 0
+    return {"epoch": int(epoch), "batches_done": int(done)}
