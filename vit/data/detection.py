@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import albumentations as A
 import cv2
@@ -24,33 +23,13 @@ from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader, Dataset
 
 from ..utils.ranges import Fraction, NonNegativeInt, PositiveInt, plain, range_problems
-from .folder import check_images
+from .boxes import BadAnnotation, BadAnnotationError, DetectionRecord  # noqa: F401  (re-exported)
+from .coco import read_coco, write_coco  # noqa: F401  (write_coco: re-exported)
 from .images import BadImageError, SkipLog, load_image
 from .sampling import EpochSampler, process_share, seed_transform, split_index, training_position
+from .shapes import SHAPES_CLASSES, make_shapes
 
-SHAPES_CLASSES = ("square", "circle", "triangle")
 SPLITS = ("train", "val", "test")
-
-
-@dataclass
-class DetectionRecord:
-    """One image and its boxes before any transform: ``image`` is a file path or an HWC uint8 array."""
-    image: str | np.ndarray
-    boxes: np.ndarray  # (N, 4) float32 xyxy pixels
-    labels: np.ndarray  # (N,) int64, 0..K-1
-    image_id: int
-    name: str  # what messages call the image (its file name)
-
-
-class BadAnnotation(NamedTuple):
-    """A COCO annotation (or image) left out: the annotation file, the annotation id (None: a whole image) and why."""
-    file: str
-    annotation_id: int | None
-    problem: str
-
-
-class BadAnnotationError(ValueError):
-    """An annotation that cannot be used, with ``on_bad_annotation: error`` (file, annotation id and problem)."""
 
 
 # ---- transforms --------------------------------------------------------------------------------------------
@@ -141,164 +120,6 @@ def detection_collate(batch):
     """A batch as torchvision's detectors take it: (list of image tensors, list of target dicts)."""
     images, targets = zip(*batch)
     return list(images), list(targets)
-
-
-# ---- the synthetic shapes set ------------------------------------------------------------------------------
-def make_shapes(num_images: int, size: int = 64, seed: int = 0, max_objects: int = 4) -> list[DetectionRecord]:
-    """Seeded scenes of coloured squares, circles and triangles on textured backgrounds, boxes exact (each box is
-    the extent of the shape's own pixels; shapes never overlap). Sizes vary around ``size``; some scenes are empty.
-
-    Example:
-        >>> scene = make_shapes(1, size=48, seed=3)[0]
-        >>> scene.image.dtype, scene.boxes.shape[1], set(scene.labels.tolist()) <= {0, 1, 2}
-        (dtype('uint8'), 4, True)
-    """
-    rng = np.random.default_rng(seed)
-    return [_scene(rng, size, max_objects, i) for i in range(num_images)]
-
-
-def _scene(rng: np.random.Generator, size: int, max_objects: int, index: int) -> DetectionRecord:
-    height, width = (int(s) for s in rng.integers(int(size * 0.75), int(size * 1.25) + 1, 2))
-    # texture: smooth random blobs plus stripes, dark, so shapes stand out without being trivial
-    coarse = rng.integers(0, 90, (4, 4, 3)).astype(np.uint8)
-    image = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
-    stripes = ((np.arange(width)[None, :] + np.arange(height)[:, None]) // max(2, size // 16)) % 2
-    image = np.clip(image.astype(np.int16) + 25 * stripes[..., None] + rng.integers(-10, 11, image.shape), 0, 255)
-    image = image.astype(np.uint8)
-    taken = np.zeros((height, width), bool)
-    boxes, labels = [], []
-    for _ in range(int(rng.integers(0, max_objects + 1))):
-        for _try in range(20):
-            label = int(rng.integers(len(SHAPES_CLASSES)))
-            side = int(rng.integers(max(6, size // 6), max(7, size // 3) + 1))
-            if side >= min(height, width):
-                continue
-            y0, x0 = int(rng.integers(0, height - side)), int(rng.integers(0, width - side))
-            mask = np.zeros((height, width), np.uint8)
-            if label == 0:
-                mask[y0:y0 + side, x0:x0 + side] = 1
-            elif label == 1:
-                radius = side // 2
-                cv2.circle(mask, (x0 + radius, y0 + radius), radius, 1, thickness=-1)
-            else:
-                points = np.array([[x0 + side // 2, y0], [x0, y0 + side - 1], [x0 + side - 1, y0 + side - 1]])
-                cv2.fillPoly(mask, [points.astype(np.int32)], 1)
-            mask = mask.astype(bool)
-            rows, cols = np.nonzero(mask)
-            box = [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]
-            if taken[max(0, box[1] - 1):box[3] + 1, max(0, box[0] - 1):box[2] + 1].any():
-                continue  # never overlapping (nor touching): every box is exactly its shape's pixels
-            image[mask] = rng.integers(140, 256, 3).astype(np.uint8)
-            taken |= mask
-            boxes.append(box)
-            labels.append(label)
-            break
-    return DetectionRecord(image, np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int64),
-                           image_id=index, name=f"shapes[{index}]")
-
-
-# ---- COCO --------------------------------------------------------------------------------------------------
-def read_coco(annotation_file: str | Path, image_dir: str | Path, categories: Sequence[dict] | None = None,
-              problems: list[BadAnnotation] | None = None, clipped: list[BadAnnotation] | None = None,
-              on_bad_annotation: str = "skip") -> tuple[list[DetectionRecord], list[dict]]:
-    """Records of a COCO ``instances_*.json`` with images under ``image_dir``, and its categories (sorted by id;
-    label k is the k-th, or the k-th of ``categories`` when given, e.g. the training file's).
-
-    Boxes reaching outside their image are clipped to it (and listed in ``clipped``); annotations that cannot be
-    used (box entirely outside, zero or negative width/height, unknown category or image id) and images that are
-    missing or unreadable are appended to ``problems`` (``skip``) or raise ``BadAnnotationError`` (``error``).
-    Crowd annotations (``iscrowd: 1``) are left out: the detectors here train on single objects.
-    """
-    annotation_file, image_dir = Path(annotation_file), Path(image_dir)
-    problems = [] if problems is None else problems
-    clipped = [] if clipped is None else clipped
-    try:
-        data = json.loads(annotation_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise BadAnnotationError(f"{annotation_file}: cannot read the annotation file ({err})") from None
-    categories = sorted(data.get("categories", []), key=lambda c: c["id"]) if categories is None else categories
-    label_of = {int(c["id"]): k for k, c in enumerate(categories)}
-
-    def bad(annotation_id, problem):
-        if on_bad_annotation == "error":
-            what = f"annotation {annotation_id}" if annotation_id is not None else "image"
-            raise BadAnnotationError(f"{annotation_file}: {what}: {problem}")
-        problems.append(BadAnnotation(str(annotation_file), annotation_id, problem))
-
-    images = {int(im["id"]): im for im in data.get("images", [])}
-    files = {i: image_dir / im["file_name"] for i, im in images.items()}
-    present = {i: p for i, p in files.items() if p.is_file()}
-    unreadable = check_images(image_dir, present.values()) if present else {}
-    usable = set()
-    for image_id, path in files.items():
-        if image_id not in present:
-            bad(None, f"{images[image_id]['file_name']}: image file not found ({path})")
-        elif str(path) in unreadable:
-            bad(None, f"{images[image_id]['file_name']}: unreadable image ({unreadable[str(path)]})")
-        else:
-            usable.add(image_id)
-    boxes: dict[int, list] = {i: [] for i in usable}
-    labels: dict[int, list] = {i: [] for i in usable}
-    for ann in data.get("annotations", []):
-        ann_id, image_id = ann.get("id"), int(ann.get("image_id", -1))
-        if ann.get("iscrowd", 0):
-            continue
-        if image_id not in images:
-            bad(ann_id, f"unknown image id {image_id}")
-            continue
-        if image_id not in usable:
-            continue  # its image is already reported
-        name = images[image_id]["file_name"]
-        try:
-            x, y, w, h = (float(v) for v in ann["bbox"])
-        except (KeyError, TypeError, ValueError):
-            bad(ann_id, f"{name}: no box of four numbers [x, y, width, height] (got {ann.get('bbox')!r})")
-            continue
-        if int(ann.get("category_id", -1)) not in label_of:
-            bad(ann_id, f"{name}: unknown category id {ann.get('category_id')} (known: {sorted(label_of)})")
-            continue
-        if not (w > 0 and h > 0):
-            bad(ann_id, f"{name}: box {ann['bbox']} has zero or negative width or height")
-            continue
-        width, height = float(images[image_id]["width"]), float(images[image_id]["height"])
-        box = [max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)]
-        if not (box[2] > box[0] and box[3] > box[1]):
-            bad(ann_id, f"{name}: box {ann['bbox']} lies outside the {width:g}x{height:g} image")
-            continue
-        if box != [x, y, x + w, y + h]:
-            clipped.append(BadAnnotation(str(annotation_file), ann_id, f"{name}: box {ann['bbox']} clipped to "
-                                                                        f"the {width:g}x{height:g} image"))
-        boxes[image_id].append(box)
-        labels[image_id].append(label_of[int(ann["category_id"])])
-    records = [DetectionRecord(str(files[i]), np.asarray(boxes[i], np.float32).reshape(-1, 4),
-                               np.asarray(labels[i], np.int64), image_id=i, name=images[i]["file_name"])
-               for i in sorted(usable)]
-    return records, list(categories)
-
-
-def write_coco(records: Sequence[DetectionRecord], class_names: Sequence[str], root: str | Path,
-               split: str = "train") -> Path:
-    """Write records with in-memory images as a COCO folder: ``root/<split>/<id>.png`` and
-    ``root/annotations/instances_<split>.json`` (category ids 1..K, boxes [x, y, w, h]). Returns the JSON path."""
-    from PIL import Image
-    root = Path(root)
-    (root / split).mkdir(parents=True, exist_ok=True)
-    (root / "annotations").mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
-    for record in records:
-        name = f"{record.image_id:06d}.png"
-        Image.fromarray(np.asarray(record.image)).save(root / split / name)
-        height, width = record.image.shape[:2]
-        images.append({"id": int(record.image_id), "file_name": name, "width": int(width), "height": int(height)})
-        for (x0, y0, x1, y1), label in zip(record.boxes.tolist(), record.labels.tolist()):
-            annotations.append({"id": len(annotations) + 1, "image_id": int(record.image_id),
-                                "category_id": int(label) + 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
-                                "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
-    categories = [{"id": k + 1, "name": name} for k, name in enumerate(class_names)]
-    path = root / "annotations" / f"instances_{split}.json"
-    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}),
-                    encoding="utf-8")
-    return path
 
 
 # ---- the data module ---------------------------------------------------------------------------------------

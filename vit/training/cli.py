@@ -9,13 +9,10 @@ import platform
 import sys
 import time
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_type_hints
 
 import torch
-import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
@@ -24,79 +21,13 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
-from ..tasks.backbone import OVERRIDE_FIELDS
+from .recipes import MOVED_TO_BACKBONE, TASKS, check_moved_keys, task_of  # noqa: F401  (re-exported)
 from .resume import (AtomicCheckpointIO, LastCheckpoint, ResumeState, SaveOnSignal, TrainingInterrupted,
                      find_last_checkpoint)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "digits.yaml"
 DEFAULT_ROOT = "runs"  # trainer.default_root_dir unless given: logs, checkpoints, config.yaml, --ckpt_path last
 RUN_NAME = "vit"  # runs are <root>/vit/version_N
-
-
-@dataclass(frozen=True)
-class Task:
-    """An image task as the training CLI knows it: its LightningModule and DataModule (by import path, so a task is
-    only imported when a recipe asks for it), the data -> model values that must agree, the metric the
-    checkpoints follow and the one the default run reports."""
-
-    module: str
-    data: str
-    links: tuple[tuple[str, str, str], ...]  # (data key, model key, "parse" or "instantiate")
-    monitor: str
-    checkpoint_name: str
-
-    def classes(self) -> tuple[type, type]:
-        import importlib
-        return tuple(getattr(importlib.import_module(path.rpartition(".")[0]), path.rpartition(".")[2])
-                     for path in (self.module, self.data))
-
-
-# The recipe's top-level `task:` key picks one (classification when absent).
-TASKS = {
-    "classification": Task("vit.tasks.classification.ImageClassifier", "vit.data.ImageDataModule",
-                           (("data.num_classes", "model.num_classes", "instantiate"),
-                            ("data.class_names", "model.class_names", "instantiate"),
-                            ("data.img_size", "model.backbone.img_size", "parse"),
-                            ("data.in_chans", "model.backbone.in_chans", "parse")),
-                           "val/acc", "epoch{epoch:03d}-acc{val/acc:.4f}"),
-    "detection": Task("vit.tasks.detection.ObjectDetector", "vit.data.detection.DetectionDataModule",
-                      (("data.num_classes", "model.num_classes", "instantiate"),
-                       ("data.class_names", "model.class_names", "instantiate"),
-                       ("data.img_size", "model.image_size", "parse")),
-                      "val/map", "epoch{epoch:03d}-map{val/map:.4f}"),
-}
-
-
-def task_of(args) -> str:
-    """The task a command line asks for: ``--task NAME``, else the last ``task:`` of its ``--config`` files, else
-    classification.
-
-    Example:
-        >>> task_of(["fit", "--task", "detection"]), task_of(["fit", "--model.lr", "0.1"])
-        ('detection', 'classification')
-    """
-    found = "classification"
-    if isinstance(args, (Mapping, Namespace)):
-        config = args.as_dict() if isinstance(args, Namespace) else args
-        return str(config.get("task") or found)
-    args = list(args or [])
-    for i, arg in enumerate(args):
-        path = args[i + 1] if arg in ("--config", "-c") and i + 1 < len(args) else \
-            arg.split("=", 1)[1] if arg.startswith("--config=") else None
-        if path and Path(path).is_file():
-            try:
-                config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-            except yaml.YAMLError:
-                continue  # jsonargparse reports a broken file itself
-            if isinstance(config, Mapping) and config.get("task"):
-                found = str(config["task"])
-        if arg == "--task" and i + 1 < len(args):
-            found = args[i + 1]
-        elif arg.startswith("--task="):
-            found = arg.split("=", 1)[1]
-    if found not in TASKS:
-        raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {found!r}")
-    return found
 
 
 class VitCLI(LightningCLI):
@@ -183,53 +114,6 @@ class VitCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs.setdefault("plugins", [*plugins, AtomicCheckpointIO()])  # a kill never leaves half a last.ckpt
         return super().instantiate_trainer(**kwargs)
-
-
-# Keys that moved from model.* to model.backbone.* when every task came to share one backbone description.
-MOVED_TO_BACKBONE = ("arch", "pretrained", "freeze", "layer_decay", "grad_checkpointing", *OVERRIDE_FIELDS)
-SUBCOMMANDS = ("fit", "validate", "test", "predict")
-
-
-def check_moved_keys(args) -> None:
-    """A clear error for the flat architecture keys of earlier recipes (``model.embed_dim``), naming the new
-    ones (``model.backbone.embed_dim``), whether they come from the command line or a ``--config`` file.
-
-    Example:
-        >>> check_moved_keys(["fit", "--model.embed_dim", "64", "--model.lr", "0.01"])
-        Traceback (most recent call last):
-        ...
-        ValueError: model.embed_dim moved to model.backbone.embed_dim (on the command line) ...; see configs/digits.yaml)
-    """
-    found: list[tuple[str, str]] = []  # (key, where)
-
-    def scan(config, where: str) -> None:
-        if not isinstance(config, Mapping):
-            return
-        model = config.get("model")
-        if isinstance(model, Mapping):
-            found.extend((key, where) for key in model if key in MOVED_TO_BACKBONE)
-        for sub in SUBCOMMANDS:
-            scan(config.get(sub), where)
-
-    if isinstance(args, (Mapping, Namespace)):
-        scan(args.as_dict() if isinstance(args, Namespace) else args, "in the configuration")
-    else:
-        args = list(args or [])
-        for i, arg in enumerate(args):
-            key = arg[len("--model."):].split("=")[0] if arg.startswith("--model.") else None
-            if key in MOVED_TO_BACKBONE:
-                found.append((key, "on the command line"))
-            path = args[i + 1] if arg in ("--config", "-c") and i + 1 < len(args) else \
-                arg.split("=", 1)[1] if arg.startswith("--config=") else None
-            if path and Path(path).is_file():
-                try:
-                    scan(yaml.safe_load(Path(path).read_text(encoding="utf-8")), f"in {path}")
-                except yaml.YAMLError:
-                    pass  # jsonargparse reports a broken file itself
-    if found:
-        moved = "; ".join(f"model.{key} moved to model.backbone.{key} ({where})" for key, where in found)
-        raise ValueError(f"{moved} (every task takes the same backbone description: architecture, pretrained "
-                         f"weights, freezing, layer decay; see configs/digits.yaml)")
 
 
 def trainer_defaults(task: str = "classification") -> dict:
