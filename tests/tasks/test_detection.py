@@ -459,3 +459,39 @@ def test_an_unknown_task_is_one_clear_error(tmp_path, monkeypatch, capsys):
     message = capsys.readouterr().err
     assert "task: expected one of classification, detection, got 'segmentation'" in message
     assert "Traceback" not in message
+
+
+def test_vit_predict_writes_coco_results_and_drawn_images_for_a_detection_checkpoint(tmp_path, monkeypatch, capsys):
+    """`vit predict FOLDER --checkpoint DETECTOR.ckpt --out DIR`: predictions.json in COCO results style (boxes in
+    the images' own pixels, image_id from --annotations), one PNG per image; a classifier's .ckpt still gives
+    classes, and a bad threshold is one line with exit code 2."""
+    from vit.commands.predict import main as predict_main
+    from vit.data.coco import write_coco
+    from vit.data.shapes import SHAPES_CLASSES, make_shapes
+    from vit.training.cli import main
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(RECIPE), *TINY_RUN])
+    ckpt = next(tmp_path.rglob("last.ckpt"))
+    write_coco(make_shapes(3, size=80, seed=5), SHAPES_CLASSES, tmp_path / "coco", "val")
+    images = tmp_path / "coco" / "val"
+    annotations = tmp_path / "coco" / "annotations" / "instances_val.json"
+    capsys.readouterr()
+    assert predict_main([str(images), "--checkpoint", str(ckpt), "--out", str(tmp_path / "out"),
+                         "--score-threshold", "0", "--annotations", str(annotations)]) == 0
+    out = capsys.readouterr().out
+    assert out.count(" boxes") == 3 and "wrote " in out
+    results = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    coco_images = json.loads(annotations.read_text())["images"]
+    ids = {image["file_name"]: image["id"] for image in coco_images}
+    sizes = {image["id"]: (image["width"], image["height"]) for image in coco_images}
+    assert results and {r["image_id"] for r in results} <= set(ids.values())
+    for r in results:
+        x, y, w, h = r["bbox"]
+        width, height = sizes[r["image_id"]]
+        assert r["category_name"] == SHAPES_CLASSES[r["category_id"]] and 0 <= r["score"] <= 1
+        # in the image's own pixels (the scenes are 70-100 px; the model ran at 64)
+        assert -0.5 <= x and -0.5 <= y and w >= 0 and h >= 0 and x + w <= width + 0.5 and y + h <= height + 0.5
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == sorted(
+        f"{Path(name).stem}.png" for name in ids)
+    assert predict_main([str(images), "--checkpoint", str(ckpt), "--score-threshold", "2"]) == 2
+    assert "--score-threshold" in capsys.readouterr().err

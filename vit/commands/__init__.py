@@ -15,7 +15,7 @@ import sys
 # name -> (module under vit.commands, what it does); `vit --help` prints them in this order
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "train, validate or test with a recipe (the same as python train.py ...)"),
-    "predict": ("predict", "top-k classes for a few images"),
+    "predict": ("predict", "top-k classes for a few images, or boxes with a detection checkpoint"),
     "embed": ("embed", "embeddings of images by a frozen backbone, to a .safetensors file"),
     "probe": ("probe", "how good a backbone's frozen features are: kNN and linear probe accuracy"),
     "search": ("search", "the nearest images of an embedded folder to a query image"),
@@ -40,7 +40,7 @@ def main(args: list[str] | None = None) -> int:
         >>> main(["--help"])  # doctest: +ELLIPSIS
         usage: vit <command> [options]   (vit <command> --help for its options)
         ...
-          predict    top-k classes for a few images
+          predict    top-k classes for a few images, or boxes with a detection checkpoint
         ...
         0
     """

@@ -1,18 +1,22 @@
-"""``vit predict``: top-k classes for a few images."""
+"""``vit predict``: top-k classes for a few images, or boxes for images and folders with a detection checkpoint
+(``predictions.json`` in COCO results style and the images with their boxes drawn)."""
 from __future__ import annotations
 
 import argparse
 import sys
 
 from ..checkpoints import CheckpointError
+from ..deploy.detect import (coco_image_ids, detect, image_files, is_detection_checkpoint, load_detector,
+                             write_predictions)
 from ..deploy.predict import load_model, predict
 from ..deploy.runners import AUTO_ORDER, BACKENDS, BackendError, VerificationError
 from ._common import CommandParser, one_line
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = CommandParser(prog="vit predict", description="Top-k classes for a few images.")
-    parser.add_argument("images", nargs="+", help="image files")
+    parser = CommandParser(prog="vit predict", description="Top-k classes for a few images; with a detection "
+                                                            "checkpoint, boxes (COCO results JSON + drawn images).")
+    parser.add_argument("images", nargs="+", help="image files (detection: files or folders)")
     parser.add_argument("--checkpoint", required=True,
                         help="our .ckpt, a save_pretrained directory, or any source vit.load_pretrained reads")
     parser.add_argument("--topk", type=int, default=5, help="how many classes to print per image (default 5)")
@@ -25,6 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=None,
                         help="decoding processes (default: 0 for a single batch, else 1)")
     parser.add_argument("--compile", action="store_true", help="the same as --backend compile")
+    parser.add_argument("--out", default="predictions",
+                        help="detection: the folder for predictions.json and the drawn images (default predictions)")
+    parser.add_argument("--score-threshold", type=float, default=0.05,
+                        help="detection: the lowest score kept (default 0.05; lower gives mAP tools the full list)")
+    parser.add_argument("--annotations", default=None,
+                        help="detection: the COCO annotation file the images come from, to add their image_id")
     return parser
 
 
@@ -37,6 +47,8 @@ def main(args: list[str] | None = None) -> int:
         0
     """
     options = _parser().parse_args(args)
+    if is_detection_checkpoint(options.checkpoint):
+        return _predict_boxes(options)
     for name in ("topk", "batch_size"):
         if getattr(options, name) < 1:
             print(f"error: --{name.replace('_', '-')}: expected a positive integer, got {getattr(options, name)}",
@@ -58,4 +70,24 @@ def main(args: list[str] | None = None) -> int:
         return 2
     for path, top in zip(options.images, results):
         print(f"{path}: " + ", ".join(f"{name} {prob:.3f}" for name, prob in top))
+    return 0
+
+
+def _predict_boxes(options: argparse.Namespace) -> int:
+    if not 0 <= options.score_threshold <= 1:
+        print(f"error: --score-threshold: expected a value in [0, 1], got {options.score_threshold}", file=sys.stderr)
+        return 2
+    try:
+        files = image_files(options.images)
+        image_ids = coco_image_ids(options.annotations) if options.annotations else None
+        model = load_detector(options.checkpoint)
+        results = detect(model, files, options.score_threshold)
+        written = write_predictions(files, results, options.out, image_ids)
+    except (CheckpointError, ValueError, OSError, KeyError) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
+    for path, entries in zip(files, results):
+        found = ", ".join(f"{e['category_name']} {e['score']:.2f}" for e in entries[:5])
+        print(f"{path}: {len(entries)} boxes" + (f" ({found}{', ...' if len(entries) > 5 else ''})" if found else ""))
+    print(f"wrote {written}")
     return 0
