@@ -161,7 +161,7 @@ def _corrupt(root, kind):
     elif kind == "zero_size":
         bad["bbox"], problem = [3, 3, 0, 5], "zero or negative width or height"
     elif kind == "unknown_category":
-        bad["bbox"], bad["category_id"], problem = [3, 3, 5, 5], 42, "unknown category id 42"
+        bad["bbox"], bad["category_id"], problem = [3, 3, 5, 5], 42, "unknown category 42"
     elif kind == "no_box":
         problem = "no box of four numbers"
     elif kind == "missing_image":
@@ -495,3 +495,71 @@ def test_vit_predict_writes_coco_results_and_drawn_images_for_a_detection_checkp
         f"{Path(name).stem}.png" for name in ids)
     assert predict_main([str(images), "--checkpoint", str(ckpt), "--score-threshold", "2"]) == 2
     assert "--score-threshold" in capsys.readouterr().err
+
+
+def _targets(dm, split="val"):
+    dm.setup("fit")
+    data = {"train": dm.train_set, "val": dm.val_set, "test": dm.test_set}[split]
+    return [(r.boxes.round(3).tolist(), r.labels.tolist(), np.asarray(load_image_any(r)).sum()) for r in data.records]
+
+
+def load_image_any(record):
+    from vit.data.images import load_image
+    return record.image if isinstance(record.image, np.ndarray) else load_image(record.image, 3)
+
+
+def test_coco_voc_and_yolo_copies_of_one_set_give_identical_targets(tmp_path):
+    from vit.data.coco import write_coco
+    from vit.data.shapes import SHAPES_CLASSES, make_shapes
+    from vit.data.voc import write_voc
+    from vit.data.yolo import write_yolo
+    records = make_shapes(12, size=64, seed=3)
+    records[0].boxes, records[0].labels = records[0].boxes[:0], records[0].labels[:0]  # an image with no boxes
+    for split, part in (("train", records[:8]), ("val", records[8:])):
+        write_coco(part, SHAPES_CLASSES, tmp_path / "coco", split)
+        write_voc(part, SHAPES_CLASSES, tmp_path / "voc", split)
+        write_yolo(part, SHAPES_CLASSES, tmp_path / "yolo", split)
+    (tmp_path / "voc" / "classes.txt").write_text("\n".join(SHAPES_CLASSES))
+    modules = {kind: DetectionDataModule(kind, root=str(tmp_path / kind), img_size=64) for kind in ("coco", "voc",
+                                                                                                   "yolo")}
+    assert all(dm.class_names == list(SHAPES_CLASSES) for dm in modules.values())
+    for split in ("train", "val"):
+        coco = _targets(modules["coco"], split)
+        assert len(coco) == (8 if split == "train" else 4) and any(boxes for boxes, _, _ in coco)
+        assert split != "train" or coco[0][0] == []  # the image without boxes is kept
+        assert _targets(modules["voc"], split) == coco  # same boxes (VOC's 1-based pixels undone), labels, pixels
+        yolo = _targets(modules["yolo"], split)
+        assert [(labels, pixels) for _, labels, pixels in yolo] == [(labels, pixels) for _, labels, pixels in coco]
+        assert all(np.allclose(a, b, atol=1e-3) for (a, _, _), (b, _, _) in zip(yolo, coco) if a or b)
+    assert modules["coco"].test_set.records == modules["coco"].val_set.records  # no test split: val doubles
+
+
+def test_voc_and_yolo_bad_annotations_are_reported_like_cocos(tmp_path):
+    from vit.data.shapes import SHAPES_CLASSES, make_shapes
+    from vit.data.voc import write_voc
+    from vit.data.yolo import write_yolo
+    records = make_shapes(4, size=64, seed=4)
+    for split in ("train", "val"):
+        write_voc(records, SHAPES_CLASSES, tmp_path / "voc", split)
+        write_yolo(records, SHAPES_CLASSES, tmp_path / "yolo", split)
+    (tmp_path / "voc" / "classes.txt").write_text("\n".join(SHAPES_CLASSES))
+    xml = tmp_path / "voc" / "Annotations" / "000000.xml"
+    xml.write_text(xml.read_text().replace("<name>", "<name>x", 1))  # an unknown class name
+    label = tmp_path / "yolo" / "labels" / "train" / "000001.txt"
+    label.write_text("7 0.5 0.5 0.2 0.2\nnot a box\n")  # a class index out of range, a broken line
+    voc = DetectionDataModule("voc", root=str(tmp_path / "voc"), img_size=64)
+    with pytest.warns(UserWarning, match="skipped 2 unusable"):  # the train and val copies of that object
+        voc.setup("fit")
+    assert all("unknown category 'xsquare'" in p.problem or "unknown category 'xcircle'" in p.problem or
+               "unknown category 'xtriangle'" in p.problem for p in voc.skipped_annotations), voc.skipped_annotations
+    yolo = DetectionDataModule("yolo", root=str(tmp_path / "yolo"), img_size=64)
+    with pytest.warns(UserWarning, match="skipped 2 unusable"):
+        yolo.setup("fit")
+    problems = sorted(p.problem for p in yolo.skipped_annotations)
+    assert "unknown category 8 (known: 1 square, 2 circle, 3 triangle)" in problems[1]
+    assert "no box of four numbers" in problems[0]
+    with pytest.raises(BadAnnotationError, match="000001.png: unknown category 8"):
+        DetectionDataModule("yolo", root=str(tmp_path / "yolo"), img_size=64, on_bad_annotation="error").setup("fit")
+    with pytest.raises(ValueError, match="data.root: .*ImageSets/Main/val.txt not found"):
+        (tmp_path / "voc" / "ImageSets" / "Main" / "val.txt").unlink()
+        DetectionDataModule("voc", root=str(tmp_path / "voc"))

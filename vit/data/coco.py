@@ -23,21 +23,31 @@ def read_coco(annotation_file: str | Path, image_dir: str | Path, categories: Se
     missing or unreadable are appended to ``problems`` (``skip``) or raise ``BadAnnotationError`` (``error``).
     Crowd annotations (``iscrowd: 1``) are left out: the detectors here train on single objects.
     """
-    annotation_file, image_dir = Path(annotation_file), Path(image_dir)
-    problems = [] if problems is None else problems
-    clipped = [] if clipped is None else clipped
+    annotation_file = Path(annotation_file)
     try:
         data = json.loads(annotation_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise BadAnnotationError(f"{annotation_file}: cannot read the annotation file ({err})") from None
+    return coco_records(data, str(annotation_file), image_dir, categories, problems, clipped, on_bad_annotation)
+
+
+def coco_records(data: dict, source: str, image_dir: str | Path, categories: Sequence[dict] | None = None,
+                 problems: list[BadAnnotation] | None = None, clipped: list[BadAnnotation] | None = None,
+                 on_bad_annotation: str = "skip") -> tuple[list[DetectionRecord], list[dict]]:
+    """``read_coco`` on annotations already in memory (COCO-shaped: ``images``, ``annotations``, ``categories``);
+    ``source`` is what reports name (the file the annotations came from). VOC and YOLO folders are read through it,
+    so every layout is checked the same way."""
+    image_dir = Path(image_dir)
+    problems = [] if problems is None else problems
+    clipped = [] if clipped is None else clipped
     categories = sorted(data.get("categories", []), key=lambda c: c["id"]) if categories is None else categories
     label_of = {int(c["id"]): k for k, c in enumerate(categories)}
 
     def bad(annotation_id, problem):
         if on_bad_annotation == "error":
             what = f"annotation {annotation_id}" if annotation_id is not None else "image"
-            raise BadAnnotationError(f"{annotation_file}: {what}: {problem}")
-        problems.append(BadAnnotation(str(annotation_file), annotation_id, problem))
+            raise BadAnnotationError(f"{source}: {what}: {problem}")
+        problems.append(BadAnnotation(source, annotation_id, problem))
 
     images = {int(im["id"]): im for im in data.get("images", [])}
     files = {i: image_dir / im["file_name"] for i, im in images.items()}
@@ -68,8 +78,10 @@ def read_coco(annotation_file: str | Path, image_dir: str | Path, categories: Se
         except (KeyError, TypeError, ValueError):
             bad(ann_id, f"{name}: no box of four numbers [x, y, width, height] (got {ann.get('bbox')!r})")
             continue
-        if int(ann.get("category_id", -1)) not in label_of:
-            bad(ann_id, f"{name}: unknown category id {ann.get('category_id')} (known: {sorted(label_of)})")
+        category = ann.get("category_id")
+        if not isinstance(category, (int, float)) or int(category) not in label_of:
+            known = ", ".join(f"{c['id']} {c['name']}" for c in categories)
+            bad(ann_id, f"{name}: unknown category {category!r} (known: {known})")
             continue
         if not (w > 0 and h > 0):
             bad(ann_id, f"{name}: box {ann['bbox']} has zero or negative width or height")
@@ -80,10 +92,10 @@ def read_coco(annotation_file: str | Path, image_dir: str | Path, categories: Se
             bad(ann_id, f"{name}: box {ann['bbox']} lies outside the {width:g}x{height:g} image")
             continue
         if box != [x, y, x + w, y + h]:
-            clipped.append(BadAnnotation(str(annotation_file), ann_id, f"{name}: box {ann['bbox']} clipped to "
-                                                                        f"the {width:g}x{height:g} image"))
+            clipped.append(BadAnnotation(source, ann_id, f"{name}: box {ann['bbox']} clipped to the "
+                                                         f"{width:g}x{height:g} image"))
         boxes[image_id].append(box)
-        labels[image_id].append(label_of[int(ann["category_id"])])
+        labels[image_id].append(label_of[int(category)])
     records = [DetectionRecord(str(files[i]), np.asarray(boxes[i], np.float32).reshape(-1, 4),
                                np.asarray(labels[i], np.int64), image_id=i, name=images[i]["file_name"])
                for i in sorted(usable)]

@@ -24,10 +24,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..utils.ranges import Fraction, NonNegativeInt, PositiveInt, plain, range_problems
 from .boxes import BadAnnotation, BadAnnotationError, DetectionRecord  # noqa: F401  (re-exported)
-from .coco import read_coco, write_coco  # noqa: F401  (write_coco: re-exported)
+from .coco import coco_records, read_coco, write_coco  # noqa: F401  (write_coco: re-exported)
 from .images import BadImageError, SkipLog, load_image
 from .sampling import EpochSampler, process_share, seed_transform, split_index, training_position
 from .shapes import SHAPES_CLASSES, make_shapes
+from .voc import voc_as_coco, voc_class_names
+from .yolo import yolo_as_coco, yolo_class_names
 
 SPLITS = ("train", "val", "test")
 
@@ -161,7 +163,7 @@ class DetectionDataModule(L.LightningDataModule):
         (['square', 'circle', 'triangle'], 4, (3, 32, 32), ['boxes', 'image_id', 'labels'])
     """
 
-    def __init__(self, dataset: Literal["shapes", "coco"] = "shapes", root: str | None = None, img_size: int = 64,
+    def __init__(self, dataset: Literal["shapes", "coco", "voc", "yolo"] = "shapes", root: str | None = None, img_size: int = 64,
                  batch_size: PositiveInt = 8, num_workers: NonNegativeInt = 0, seed: int = 42,
                  num_images: PositiveInt = 256, val_fraction: Fraction = 0.125, test_fraction: Fraction = 0.125,
                  max_objects: NonNegativeInt = 4, split_names: dict[str, str] | None = None,
@@ -190,6 +192,10 @@ class DetectionDataModule(L.LightningDataModule):
             data = json.loads(self._annotation_file("train").read_text(encoding="utf-8"))
             self._categories = sorted(data.get("categories", []), key=lambda c: c["id"])
             self.class_names = [str(c["name"]) for c in self._categories]
+        elif dataset in ("voc", "yolo"):
+            self.class_names = (voc_class_names(self.root, self.split_names["train"]) if dataset == "voc"
+                                else yolo_class_names(self.root))
+            self._categories = [{"id": k + 1, "name": name} for k, name in enumerate(self.class_names)]
         else:
             self.class_names = list(SHAPES_CLASSES)
         self.train_set: DetectionDataset | None = None
@@ -206,6 +212,14 @@ class DetectionDataModule(L.LightningDataModule):
 
     def eval_transform(self) -> A.Compose:
         return detection_eval_transform(self.img_size)
+
+    def _has_split(self, split: str) -> bool:
+        name = self.split_names[split]
+        if self.dataset == "voc":
+            return (self.root / "ImageSets" / "Main" / f"{name}.txt").is_file()
+        if self.dataset == "yolo":
+            return (self.root / "images" / name).is_dir()
+        return self._annotation_file(split).is_file()
 
     def _annotation_file(self, split: str) -> Path:
         return self.root / "annotations" / f"instances_{self.split_names[split]}.json"
@@ -232,12 +246,19 @@ class DetectionDataModule(L.LightningDataModule):
         skipped, clipped = self.skipped_annotations, self.clipped_annotations
         splits = {}
         for split in SPLITS:
-            path = self._annotation_file(split)
-            if split == "test" and not path.is_file():
-                splits["test"] = splits["val"]  # val doubles as test when there is no test file
+            if split == "test" and not self._has_split("test"):
+                splits["test"] = splits["val"]  # val doubles as test when there is no test split
                 continue
-            records, _ = read_coco(path, self.root / self.split_names[split], self._categories, skipped, clipped,
-                                   self.on_bad_annotation)
+            name = self.split_names[split]
+            if self.dataset == "coco":
+                records, _ = read_coco(self._annotation_file(split), self.root / name, self._categories, skipped,
+                                       clipped, self.on_bad_annotation)
+            else:
+                data, image_dir = (voc_as_coco if self.dataset == "voc" else yolo_as_coco)(self.root, name,
+                                                                                         self.class_names)
+                source = str(self.root / ("ImageSets/Main" if self.dataset == "voc" else "labels") / name)
+                records, _ = coco_records(data, source, image_dir, self._categories, skipped, clipped,
+                                          self.on_bad_annotation)
             splits[split] = records
         if skipped:
             first = skipped[0]
@@ -248,7 +269,7 @@ class DetectionDataModule(L.LightningDataModule):
             warnings.warn(f"data: clipped {len(clipped)} box(es) reaching outside their image under {self.root} "
                           f"(first: {clipped[0].problem}); all are in clipped_annotations", stacklevel=2)
         if not splits["train"]:
-            raise ValueError(f"data.root: no usable training images in {self._annotation_file('train')}")
+            raise ValueError(f"data.root: no usable training images in the {self.dataset} folder {self.root}")
         return splits
 
     # ---- loaders ---------------------------------------------------------------------------------
@@ -286,20 +307,26 @@ class DetectionDataModule(L.LightningDataModule):
 def _check_args(*, dataset, root, img_size, batch_size, num_workers, num_images, val_fraction, test_fraction,
                 max_objects, split_names, scale_range, min_visibility, on_bad_annotation) -> None:
     problems = []
-    if dataset not in ("shapes", "coco"):
-        problems.append(f"data.dataset: expected 'shapes' or 'coco', got {dataset!r}")
-    if dataset == "coco":
+    if dataset not in ("shapes", "coco", "voc", "yolo"):
+        problems.append(f"data.dataset: expected 'shapes', 'coco', 'voc' or 'yolo', got {dataset!r}")
+    layouts = {"coco": ("a folder with annotations/instances_<split>.json and the images in <split>/",
+                        lambda base, name: base / "annotations" / f"instances_{name}.json"),
+               "voc": ("a folder with Annotations/, JPEGImages/ and ImageSets/Main/<split>.txt",
+                       lambda base, name: base / "ImageSets" / "Main" / f"{name}.txt"),
+               "yolo": ("a folder with images/<split>/, labels/<split>/ and data.yaml or classes.txt",
+                        lambda base, name: base / "images" / name)}
+    if dataset in layouts:
+        layout, where = layouts[dataset]
         if not root:
-            problems.append("data.root: required for dataset 'coco' (a folder with annotations/instances_<split>.json "
-                            "and the images in <split>/)")
+            problems.append(f"data.root: required for dataset {dataset!r} ({layout})")
         else:
             names = {split: (split_names or {}).get(split, split) for split in SPLITS}
             for split in ("train", "val"):
-                path = Path(root).expanduser() / "annotations" / f"instances_{names[split]}.json"
-                if not path.is_file():
-                    problems.append(f"data.root: {path} not found (the {split} annotations)")
+                path = where(Path(root).expanduser(), names[split])
+                if not path.exists():
+                    problems.append(f"data.root: {path} not found (the {split} split of a {dataset} folder: {layout})")
     elif root is not None:
-        problems.append(f"data.root: only read by dataset 'coco', got {root!r} with dataset {dataset!r}")
+        problems.append(f"data.root: only read by datasets coco, voc and yolo, got {root!r} with dataset {dataset!r}")
     if split_names is not None and set(split_names) - set(SPLITS):
         problems.append(f"data.split_names: unknown key(s) {sorted(set(split_names) - set(SPLITS))}; "
                         f"expected some of train, val, test")
