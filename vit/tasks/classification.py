@@ -12,13 +12,14 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score,
                                          MulticlassPrecision, MulticlassRecall)
 
-from ..training.optim import TimeBudgetCosine, param_groups, warmup_cosine
+from ..training.optim import TimeBudgetCosine, epoch_warmup_cosine, scaled_param_groups
 from ..utils.ranges import (ClosedUnitInterval, Fraction, NonNegativeFloat, OpenUnitInterval, PositiveFloat, plain,
                             range_problems)
-from .backbone import OVERRIDE_FIELDS, Backbone, freeze_layers  # noqa: F401  (freeze_layers: re-exported)
+from .backbone import Backbone, freeze_layers  # noqa: F401  (freeze_layers: re-exported)
+from .common import ClassMismatchError, TaskCheckpoints  # noqa: F401  (ClassMismatchError: re-exported)
 
 
-class ImageClassifier(L.LightningModule):
+class ImageClassifier(TaskCheckpoints, L.LightningModule):
     """Train a ViT classifier: cross-entropy with label smoothing, AdamW (no decay on embeddings, norms,
     biases), linear warm-up + cosine decay per step, top-1/top-5 accuracy.
 
@@ -149,10 +150,7 @@ class ImageClassifier(L.LightningModule):
     # ---- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        groups = param_groups(self.model, hp.weight_decay, self.backbone.layer_decay)
-        for group in groups:
-            group["lr"] = hp.lr * group["lr_scale"]
-            group.pop("names")
+        groups = scaled_param_groups(self.model, hp.lr, hp.weight_decay, self.backbone.layer_decay)
         # fused AdamW: one kernel per step instead of a loop over tensors (CPU and CUDA in torch >= 2.4)
         # ...but Lightning refuses gradient clipping with a fused optimizer (it unscales internally)
         fused = _fused_supported(self) and not self.trainer.gradient_clip_val
@@ -160,11 +158,7 @@ class ImageClassifier(L.LightningModule):
         if hp.schedule == "budget":
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._budget_schedule(optimizer),
                                                              "interval": "step"}}
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        warmup = int(round(hp.warmup_epochs * total / max_epochs))
-        warmup = min(warmup, total // 2)
-        schedule = LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total, hp.min_lr_ratio))
+        schedule = epoch_warmup_cosine(optimizer, self.trainer, hp.warmup_epochs, hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def _budget_schedule(self, optimizer) -> LambdaLR:
@@ -226,42 +220,20 @@ class ImageClassifier(L.LightningModule):
                           f"train/nonfinite_skipped", stacklevel=2)
         return None  # Lightning skips backward and the optimizer step for this batch
 
-    @classmethod
-    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
-                             weights_only: bool | None = True, **kwargs):
-        """Lightning's ``load_from_checkpoint``, reading with ``weights_only=True`` unless told otherwise: our
-        checkpoints hold tensors and plain values only, and this way a checkpoint carrying pickled code is refused
-        even where torch's own default has been switched off (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``)."""
-        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
-                                            strict=strict, weights_only=weights_only, **kwargs)
+    def checkpoint_backbone(self):
+        return self.model
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # A checkpoint is read against the data's classes: a different list or order would mislabel everything.
-        saved = checkpoint.get("class_names")
-        if saved is not None and self.class_names is not None and list(saved) != list(self.class_names):
-            raise ClassMismatchError(f"the checkpoint's classes differ from the data's:\n  checkpoint "
-                                     f"({len(saved)}): {list(saved)}\n  data       ({len(self.class_names)}): "
-                                     f"{list(self.class_names)}")
+        super().on_load_checkpoint(checkpoint)
         self.nonfinite_skipped = int(checkpoint.get("nonfinite_skipped", 0))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["class_names"] = self.class_names
+        super().on_save_checkpoint(checkpoint)
         checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
-        hparams = checkpoint.get("hyper_parameters")
-        if hparams is not None and (hparams.get("backbone") or {}).get("pretrained"):
-            # The weights are in the checkpoint: record the loaded architecture instead of the source, so
-            # load_from_checkpoint(path) works where the pretrained file is not.
-            arch = self.model.config.to_dict()
-            hparams["backbone"] = {**hparams["backbone"], "pretrained": None, "arch": None,
-                                   **{k: arch[k] for k in OVERRIDE_FIELDS}}
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite (the message names the step and learning rate)."""
-
-
-class ClassMismatchError(ValueError):
-    """A checkpoint's class names differ from the data's (both lists in the message)."""
 
 
 def _mixup(hparams: Any):

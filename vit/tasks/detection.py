@@ -3,18 +3,17 @@ torchvision's Faster R-CNN heads) and scores it with COCO mAP."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Literal
 
 import lightning as L
 import torch
-from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign
 
-from ..training.optim import param_groups, warmup_cosine
+from ..training.optim import epoch_warmup_cosine, scaled_param_groups
 from ..utils.ranges import (
     Fraction,
     NonNegativeFloat,
@@ -23,7 +22,8 @@ from ..utils.ranges import (
     plain,
     range_problems,
 )
-from .backbone import OVERRIDE_FIELDS, Backbone
+from .backbone import Backbone
+from .common import TaskCheckpoints
 from .pyramid import SimpleFeaturePyramid, norm_and_bias_names
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -32,7 +32,7 @@ MAP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "
             "mar_small", "mar_medium", "mar_large")
 
 
-class ObjectDetector(L.LightningModule):
+class ObjectDetector(TaskCheckpoints, L.LightningModule):
     """Train an object detector on a ViT: ViTDet's simple feature pyramid (``vit.tasks.pyramid``) under
     torchvision's Faster R-CNN (RPN with one anchor size per pyramid level, RoI align over the pyramid's maps);
     AdamW with layer-wise LR decay, linear warm-up + cosine decay; COCO mAP (torchmetrics, pycocotools backend).
@@ -174,41 +174,14 @@ class ObjectDetector(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        groups = param_groups(self, hp.weight_decay, self.backbone.layer_decay)
-        for group in groups:
-            group["lr"] = hp.lr * group["lr_scale"]
-            group.pop("names")
+        groups = scaled_param_groups(self, hp.lr, hp.weight_decay, self.backbone.layer_decay)
         optimizer = torch.optim.AdamW(groups, lr=hp.lr)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        warmup = min(int(round(hp.warmup_epochs * total / max_epochs)), total // 2)
-        schedule = LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total, hp.min_lr_ratio))
+        schedule = epoch_warmup_cosine(optimizer, self.trainer, hp.warmup_epochs, hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ---- checkpoints -----------------------------------------------------------------------------
-    @classmethod
-    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
-                             weights_only: bool | None = True, **kwargs):
-        """Lightning's ``load_from_checkpoint``, with ``weights_only=True`` unless told otherwise."""
-        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
-                                            strict=strict, weights_only=weights_only, **kwargs)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["class_names"] = self.class_names
-        hparams = checkpoint.get("hyper_parameters")
-        if hparams is not None and (hparams.get("backbone") or {}).get("pretrained"):
-            # the weights are in the checkpoint: record the architecture instead of the source
-            arch = self.detector.backbone.vit.config.to_dict()
-            hparams["backbone"] = {**hparams["backbone"], "pretrained": None, "arch": None,
-                                   **{k: arch[k] for k in OVERRIDE_FIELDS}}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("class_names")
-        if saved is not None and self.class_names is not None and list(saved) != list(self.class_names):
-            raise ValueError(f"the checkpoint's classes differ from the data's:\n  checkpoint ({len(saved)}): "
-                             f"{list(saved)}\n  data       ({len(self.class_names)}): {list(self.class_names)}")
-        if saved is not None and self.class_names is None:
-            self.class_names = list(saved)
+    def checkpoint_backbone(self):
+        return self.detector.backbone.vit
 
 
 def build_faster_rcnn(pyramid: SimpleFeaturePyramid, num_classes: int, image_size: int,

@@ -77,3 +77,31 @@ class TimeBudgetCosine:
         ramp = (step + 1) / (warmup + 1) if warmup > 0 and step < warmup else 1.0
         progress = min(max(self.elapsed() / max(self.end(), 1e-9), 0.0), 1.0)
         return ramp * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def scaled_param_groups(model: nn.Module, lr: float, weight_decay: float,
+                        layer_decay: float | None = None) -> list[dict[str, Any]]:
+    """``param_groups`` ready for an optimizer: each group's ``lr`` is ``lr`` x its layer-decay scale.
+
+    Example:
+        >>> from vit import VisionTransformer
+        >>> model = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
+        >>> groups = scaled_param_groups(model, lr=0.1, weight_decay=0.05, layer_decay=0.5)
+        >>> sorted({(round(g["lr"], 4), g["weight_decay"]) for g in groups})[-3:]
+        [(0.05, 0.05), (0.1, 0.0), (0.1, 0.05)]
+    """
+    groups = param_groups(model, weight_decay, layer_decay)
+    for group in groups:
+        group["lr"] = lr * group["lr_scale"]
+        group.pop("names")
+    return groups
+
+
+def epoch_warmup_cosine(optimizer, trainer, warmup_epochs: float, min_lr_ratio: float):
+    """Warm-up for ``warmup_epochs`` (at most half of training) then cosine to ``min_lr_ratio``, stepped per optimizer
+    step over the ``trainer``'s estimated steps (``max_epochs`` -1 counts as one epoch)."""
+    from torch.optim.lr_scheduler import LambdaLR
+    total = max(1, int(trainer.estimated_stepping_batches))
+    max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
+    warmup = min(int(round(warmup_epochs * total / max_epochs)), total // 2)
+    return LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total, min_lr_ratio))
