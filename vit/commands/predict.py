@@ -6,8 +6,7 @@ import argparse
 import sys
 
 from ..checkpoints import CheckpointError
-from ..deploy.detect import (coco_image_ids, detect, image_files, is_detection_checkpoint, load_detector,
-                             write_predictions)
+from ..deploy.detect import coco_image_ids, image_files, is_detection_checkpoint, load_detector, predict_boxes
 from ..deploy.predict import load_model, predict
 from ..deploy.runners import AUTO_ORDER, BACKENDS, BackendError, VerificationError
 from ._common import CommandParser, one_line
@@ -81,8 +80,7 @@ def _predict_boxes(options: argparse.Namespace) -> int:
         files = image_files(options.images)
         image_ids = coco_image_ids(options.annotations) if options.annotations else None
         model = load_detector(options.checkpoint)
-        results = detect(model, files, options.score_threshold)
-        written = write_predictions(files, results, options.out, image_ids)
+        results, written = predict_boxes(model, files, options.out, options.score_threshold, image_ids)
     except (CheckpointError, ValueError, OSError, KeyError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2

@@ -11,8 +11,7 @@ import numpy as np
 import yaml
 
 from .boxes import DetectionRecord
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+from .images import IMAGE_EXTENSIONS
 
 
 def yolo_class_names(root: str | Path) -> list[str]:
@@ -39,7 +38,7 @@ def yolo_as_coco(root: str | Path, split: str, class_names: Sequence[str]) -> tu
     if not image_dir.is_dir():
         raise FileNotFoundError(f"data.root: {image_dir} not found (a YOLO folder has images/<split>/)")
     images, annotations = [], []
-    for image_id, path in enumerate(sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES),
+    for image_id, path in enumerate(sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS),
                                     start=1):
         try:
             with Image.open(path) as image:  # the header only

@@ -10,10 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.folder import list_images
 from ..data.images import load_image
 from ..utils.files import atomic_path
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def is_detection_checkpoint(path: str | Path) -> bool:
@@ -26,8 +25,8 @@ def is_detection_checkpoint(path: str | Path) -> bool:
     path = Path(path)
     if not path.is_file() or path.suffix != ".ckpt":
         return False
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # memory-mapped: the hyper-parameters are read, the tensors are not
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - not ours to judge here: the classification loader reports it properly
         return False
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
@@ -35,18 +34,11 @@ def is_detection_checkpoint(path: str | Path) -> bool:
 
 
 def image_files(inputs: Sequence[str | Path]) -> list[Path]:
-    """Image files from files and folders (searched recursively, sorted); a missing path is a FileNotFoundError."""
-    files: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif item.is_file():
-            files.append(item)
-        else:
-            raise FileNotFoundError(f"{item}: no such image file or folder")
-    if not files:
-        raise FileNotFoundError(f"no image files in {', '.join(map(str, inputs))}")
-    return files
+    """Image files from files, folders (recursive, sorted) and ``.txt`` lists, as ``data.predict_path`` reads them."""
+    try:
+        return [Path(p) for p in list_images([str(item) for item in inputs])]
+    except (ValueError, FileNotFoundError) as err:  # named for the recipe key there; here they are arguments
+        raise type(err)(str(err).removeprefix("data.predict_path: ")) from None
 
 
 def load_detector(path: str | Path):
@@ -56,24 +48,55 @@ def load_detector(path: str | Path):
 
 
 @torch.inference_mode()
-def detect(model, files: Sequence[Path], score_threshold: float = 0.05) -> list[list[dict[str, Any]]]:
-    """Per image, its boxes as COCO results: ``bbox`` [x, y, width, height] in the image's own pixels (the model
-    resizes inside and maps boxes back), ``category_id`` (the label index), ``category_name``, ``score``."""
+def detect(model, image: np.ndarray, name: str, score_threshold: float = 0.05) -> list[dict[str, Any]]:
+    """One HWC uint8 image's boxes as COCO results: ``bbox`` [x, y, width, height] in the image's own pixels (the
+    model resizes inside and maps boxes back), ``category_id`` (the label index), ``category_name``, ``score``."""
     names = model.class_names or [str(i) for i in range(model.hparams.num_classes)]
-    results = []
+    found = model([torch.from_numpy(image).permute(2, 0, 1).float().div(255)])[0]
+    keep = found["scores"] >= score_threshold
+    entries = []
+    for box, label, score in zip(found["boxes"][keep].tolist(), found["labels"][keep].tolist(),
+                                 found["scores"][keep].tolist()):
+        x0, y0, x1, y1 = box
+        entries.append({"file_name": name, "category_id": int(label), "category_name": names[label],
+                        "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+                        "score": round(float(score), 4)})
+    return entries
+
+
+def draw_boxes(image: np.ndarray, entries: Sequence[dict[str, Any]]) -> np.ndarray:
+    """A copy of ``image`` with each entry's box, name and score drawn."""
+    import cv2
+    image = np.array(image)  # a writable copy
+    for entry in entries:
+        x, y, w, h = (int(round(v)) for v in entry["bbox"])
+        cv2.rectangle(image, (x, y), (x + w, y + h), (255, 0, 0), 1)
+        cv2.putText(image, f"{entry['category_name']} {entry['score']:.2f}", (x, max(y - 2, 8)),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.3, (255, 255, 0), 1, cv2.LINE_AA)
+    return image
+
+
+def predict_boxes(model, files: Sequence[Path], out: str | Path, score_threshold: float = 0.05,
+                  image_ids: dict[str, int] | None = None) -> tuple[list[list[dict[str, Any]]], Path]:
+    """Each image decoded once: its boxes (``detect``), a PNG with them drawn in ``out``, and ``out/predictions.json``
+    with every box (``image_id`` added when ``image_ids`` are given); returns the boxes per image and the JSON's
+    path."""
+    from PIL import Image
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results, flat = [], []
     for path in files:
-        image = torch.from_numpy(load_image(path, 3)).permute(2, 0, 1).float().div(255)
-        found = model([image])[0]
-        keep = found["scores"] >= score_threshold
-        entries = []
-        for box, label, score in zip(found["boxes"][keep].tolist(), found["labels"][keep].tolist(),
-                                     found["scores"][keep].tolist()):
-            x0, y0, x1, y1 = box
-            entries.append({"file_name": path.name, "category_id": int(label), "category_name": names[label],
-                            "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
-                            "score": round(float(score), 4)})
+        if image_ids is not None and path.name not in image_ids:
+            raise ValueError(f"{path}: not among the images of the --annotations file")
+        image = load_image(path, 3)
+        entries = detect(model, image, path.name, score_threshold)
+        Image.fromarray(draw_boxes(image, entries)).save(out / f"{path.stem}.png")
         results.append(entries)
-    return results
+        flat += [{"image_id": image_ids[path.name], **e} if image_ids is not None else e for e in entries]
+    target = out / "predictions.json"
+    with atomic_path(target, durable=False) as part:
+        part.write_text(json.dumps(flat, indent=1), encoding="utf-8")
+    return results, target
 
 
 def coco_image_ids(annotations: str | Path) -> dict[str, int]:
@@ -84,31 +107,3 @@ def coco_image_ids(annotations: str | Path) -> dict[str, int]:
         ids[str(image["file_name"])] = int(image["id"])
         ids.setdefault(Path(str(image["file_name"])).name, int(image["id"]))
     return ids
-
-
-def write_predictions(files: Sequence[Path], results: Sequence[list[dict]], out: str | Path,
-                      image_ids: dict[str, int] | None = None) -> Path:
-    """``out/predictions.json`` (one COCO result per box; ``image_id`` when ``image_ids`` are given) and one PNG per
-    image with its boxes, names and scores drawn; returns the JSON's path."""
-    import cv2
-    from PIL import Image
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    flat = []
-    for path, entries in zip(files, results):
-        image = np.array(load_image(path, 3))  # a writable copy to draw on
-        for entry in entries:
-            if image_ids is not None:
-                if path.name not in image_ids:
-                    raise ValueError(f"{path}: not among the images of the --annotations file")
-                entry = {"image_id": image_ids[path.name], **entry}
-            flat.append(entry)
-            x, y, w, h = (int(round(v)) for v in entry["bbox"])
-            cv2.rectangle(image, (x, y), (x + w, y + h), (255, 0, 0), 1)
-            cv2.putText(image, f"{entry['category_name']} {entry['score']:.2f}", (x, max(y - 2, 8)),
-                        cv2.FONT_HERSHEY_SIMPLEX, 0.3, (255, 255, 0), 1, cv2.LINE_AA)
-        Image.fromarray(image).save(out / f"{path.stem}.png")
-    target = out / "predictions.json"
-    with atomic_path(target, durable=False) as part:
-        part.write_text(json.dumps(flat, indent=1), encoding="utf-8")
-    return target
