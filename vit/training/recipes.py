@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from jsonargparse import Namespace
@@ -47,6 +48,26 @@ TASKS = {
 }
 
 
+def config_files(args: list[str]) -> list[tuple[int, Any]]:
+    """The ``--config`` files of a command line, parsed: (position of the flag, the YAML's content); a file that is
+    missing or not valid YAML is left to jsonargparse, which reports it.
+
+    Example:
+        >>> config_files(["fit", "--model.lr", "0.1"])
+        []
+    """
+    found = []
+    for i, arg in enumerate(args):
+        path = args[i + 1] if arg in ("--config", "-c") and i + 1 < len(args) else \
+            arg.split("=", 1)[1] if arg.startswith("--config=") else None
+        if path and Path(path).is_file():
+            try:
+                found.append((i, yaml.safe_load(Path(path).read_text(encoding="utf-8"))))
+            except yaml.YAMLError:
+                pass
+    return found
+
+
 def task_of(args) -> str:
     """The task a command line asks for: ``--task NAME``, else the last ``task:`` of its ``--config`` files, else
     classification.
@@ -60,16 +81,11 @@ def task_of(args) -> str:
         config = args.as_dict() if isinstance(args, Namespace) else args
         return str(config.get("task") or found)
     args = list(args or [])
+    configs = dict(config_files(args))
     for i, arg in enumerate(args):
-        path = args[i + 1] if arg in ("--config", "-c") and i + 1 < len(args) else \
-            arg.split("=", 1)[1] if arg.startswith("--config=") else None
-        if path and Path(path).is_file():
-            try:
-                config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-            except yaml.YAMLError:
-                continue  # jsonargparse reports a broken file itself
-            if isinstance(config, Mapping) and config.get("task"):
-                found = str(config["task"])
+        config = configs.get(i)
+        if isinstance(config, Mapping) and config.get("task"):
+            found = str(config["task"])
         if arg == "--task" and i + 1 < len(args):
             found = args[i + 1]
         elif arg.startswith("--task="):
@@ -109,17 +125,13 @@ def check_moved_keys(args) -> None:
         scan(args.as_dict() if isinstance(args, Namespace) else args, "in the configuration")
     else:
         args = list(args or [])
+        configs = dict(config_files(args))
         for i, arg in enumerate(args):
             key = arg[len("--model."):].split("=")[0] if arg.startswith("--model.") else None
             if key in MOVED_TO_BACKBONE:
                 found.append((key, "on the command line"))
-            path = args[i + 1] if arg in ("--config", "-c") and i + 1 < len(args) else \
-                arg.split("=", 1)[1] if arg.startswith("--config=") else None
-            if path and Path(path).is_file():
-                try:
-                    scan(yaml.safe_load(Path(path).read_text(encoding="utf-8")), f"in {path}")
-                except yaml.YAMLError:
-                    pass  # jsonargparse reports a broken file itself
+            if i in configs:
+                scan(configs[i], f"in {args[i + 1] if arg in ('--config', '-c') else arg.split('=', 1)[1]}")
     if found:
         moved = "; ".join(f"model.{key} moved to model.backbone.{key} ({where})" for key, where in found)
         raise ValueError(f"{moved} (every task takes the same backbone description: architecture, pretrained "
