@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..utils.ranges import Fraction, NonNegativeInt, PositiveInt, plain, range_problems
 from .boxes import BadAnnotation, BadAnnotationError, DetectionRecord  # noqa: F401  (re-exported)
 from .coco import coco_records, read_coco, write_coco  # noqa: F401  (write_coco: re-exported)
-from .images import BadImageError, SkipLog, load_image
+from .images import SkipLog, first_decodable, load_image
 from .sampling import EpochSampler, process_share, seed_transform, split_index, training_position
 from .shapes import SHAPES_CLASSES, make_shapes
 from .voc import voc_as_coco, voc_class_names
@@ -92,19 +92,15 @@ class DetectionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def _decode(self, j: int) -> np.ndarray:
+        image = self.records[j].image
+        return image if isinstance(image, np.ndarray) else load_image(image, 3)
+
     def __getitem__(self, item):
         i, sample_seed = split_index(item)
-        for attempt in range(min(len(self.records), 16)):
-            record = self.records[(i + attempt) % len(self.records)]
-            try:
-                image = record.image if isinstance(record.image, np.ndarray) else load_image(record.image, 3)
-                break
-            except BadImageError as err:
-                if self.on_bad_image != "skip":
-                    raise
-                self.skips.record(err)
-        else:
-            raise BadImageError(self.records[i].name, "this and the following images could not be decoded")
+        j, image = first_decodable(i, len(self.records), self._decode, self.on_bad_image, self.skips,
+                                   lambda k: self.records[k].name)
+        record = self.records[j]
         height, width = image.shape[:2]
         boxes = record.boxes.reshape(-1, 4).astype(np.float32)
         boxes = np.clip(boxes, 0, [width, height, width, height])  # the file may be smaller than its JSON says
@@ -163,7 +159,8 @@ class DetectionDataModule(L.LightningDataModule):
         (['square', 'circle', 'triangle'], 4, (3, 32, 32), ['boxes', 'image_id', 'labels'])
     """
 
-    def __init__(self, dataset: Literal["shapes", "coco", "voc", "yolo"] = "shapes", root: str | None = None, img_size: int = 64,
+    def __init__(self, dataset: Literal["shapes", "coco", "voc", "yolo"] = "shapes", root: str | None = None,
+                 img_size: int = 64,
                  batch_size: PositiveInt = 8, num_workers: NonNegativeInt = 0, seed: int = 42,
                  num_images: PositiveInt = 256, val_fraction: Fraction = 0.125, test_fraction: Fraction = 0.125,
                  max_objects: NonNegativeInt = 4, split_names: dict[str, str] | None = None,

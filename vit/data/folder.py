@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from ..utils.files import atomic_path
 from .cache import DecodedImages, NodeShare
-from .images import IMAGE_EXTENSIONS, BadImageError, SkipLog, check_image, load_image
+from .images import IMAGE_EXTENSIONS, BadImageError, SkipLog, check_image, first_decodable, load_image
 from .sampling import seed_transform, split_index
 
 CACHE_VERSION = 1
@@ -122,26 +122,17 @@ class FileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _decode(self, j: int) -> np.ndarray | None:
+        if self.decoded is not None:
+            image = self.decoded[j]  # None: failed when cached (and reported then): the next file takes its place
+            return None if image is None else image.copy()  # transforms must never write into the shared cache
+        return load_image(self.samples[j][0], self.in_chans)
+
     def __getitem__(self, i):
         i, sample_seed = split_index(i)
-        for attempt in range(min(len(self.samples), 16)):
-            j = (i + attempt) % len(self.samples)
-            path, label = self.samples[j]
-            if self.decoded is not None:
-                image = self.decoded[j]
-                if image is None:  # failed when cached (and reported then): the next file takes its place
-                    continue
-                image = image.copy()  # transforms must never write into the shared cache
-                break
-            try:
-                image = load_image(path, self.in_chans)
-                break
-            except BadImageError as err:
-                if self.on_bad_image != "skip":
-                    raise
-                self.skips.record(err)
-        else:
-            raise BadImageError(self.samples[i][0], "this and the following files could not be decoded")
+        j, image = first_decodable(i, len(self.samples), self._decode, self.on_bad_image, self.skips,
+                                   lambda k: self.samples[k][0])
+        label = self.samples[j][1]
         if self.transform is not None:
             if sample_seed is not None:
                 seed_transform(self.transform, sample_seed)

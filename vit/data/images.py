@@ -140,3 +140,29 @@ class SkipLog:
             where = f"; listed in {self.path}" if self.path else ""
             warnings.warn(f"skipping images that fail to decode (first: {err.path}: {err.reason}){where}",
                           stacklevel=3)
+
+
+def first_decodable(start: int, count: int, decode, on_bad_image: str, skips: SkipLog,
+                    name_of) -> tuple[int, np.ndarray]:
+    """(index, image) of the first of ``count`` samples from ``start`` (wrapping, at most 16 tries) that decodes:
+    ``decode(j)`` gives sample j's HWC image, ``None`` for one already reported, or raises ``BadImageError``, which
+    stops everything with ``on_bad_image="error"`` and is recorded in ``skips`` with ``"skip"`` (the next sample
+    takes the place). ``name_of(start)`` names the sample when none of the tries decodes.
+
+    Example:
+        >>> first_decodable(0, 3, lambda j: None if j == 0 else np.zeros((2, 2, 3), np.uint8) + j, "skip", SkipLog(),
+        ...                 str)[0]
+        1
+    """
+    for attempt in range(min(count, 16)):
+        j = (start + attempt) % count
+        try:
+            image = decode(j)
+        except BadImageError as err:
+            if on_bad_image != "skip":
+                raise
+            skips.record(err)
+            continue
+        if image is not None:
+            return j, image
+    raise BadImageError(name_of(start), "this and the following images could not be decoded")
