@@ -560,6 +560,6 @@ def test_voc_and_yolo_bad_annotations_are_reported_like_cocos(tmp_path):
     assert "no box of four numbers" in problems[0]
     with pytest.raises(BadAnnotationError, match="000001.png: unknown category 8"):
         DetectionDataModule("yolo", root=str(tmp_path / "yolo"), img_size=64, on_bad_annotation="error").setup("fit")
-    with pytest.raises(ValueError, match="data.root: .*ImageSets/Main/val.txt not found"):
-        (tmp_path / "voc" / "ImageSets" / "Main" / "val.txt").unlink()
+    (tmp_path / "voc" / "ImageSets" / "Main" / "train.txt").unlink()
+    with pytest.raises(ValueError, match="data.root: .*ImageSets/Main/train.txt not found"):
         DetectionDataModule("voc", root=str(tmp_path / "voc"))

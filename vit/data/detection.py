@@ -85,8 +85,10 @@ class DetectionDataset(Dataset):
     record takes its place and the failure goes to ``skips``.
     """
 
-    def __init__(self, records: Sequence[DetectionRecord], transform, on_bad_image: str = "error"):
+    def __init__(self, records: Sequence[DetectionRecord], transform, on_bad_image: str = "error",
+                 original_boxes: bool = False):
         self.records, self.transform, self.on_bad_image = list(records), transform, on_bad_image
+        self.original_boxes = original_boxes
         self.skips = SkipLog()
 
     def __len__(self) -> int:
@@ -105,12 +107,28 @@ class DetectionDataset(Dataset):
         boxes = record.boxes.reshape(-1, 4).astype(np.float32)
         boxes = np.clip(boxes, 0, [width, height, width, height])  # the file may be smaller than its JSON says
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes, labels = boxes[keep], record.labels[keep]
         if sample_seed is not None:
             seed_transform(self.transform, sample_seed)
-        out = self.transform(image=image, bboxes=boxes[keep], labels=record.labels[keep].tolist())
+        if self.original_boxes:  # a whole-image box, transformed too, gives the exact scale of each axis
+            boxes_in = np.concatenate([boxes, np.array([[0, 0, width, height]], np.float32)])
+            out = self.transform(image=image, bboxes=boxes_in, labels=labels.tolist() + [-1])
+            out_boxes, out_labels = np.asarray(out["bboxes"], np.float32).reshape(-1, 4), list(out["labels"])
+            whole = out_boxes[out_labels.index(-1)]
+            kept = [k for k, label in enumerate(out_labels) if label != -1]
+            out = {**out, "bboxes": out_boxes[kept], "labels": [out_labels[k] for k in kept]}
+        else:
+            out = self.transform(image=image, bboxes=boxes, labels=labels.tolist())
         target = {"boxes": torch.as_tensor(np.asarray(out["bboxes"], np.float32).reshape(-1, 4)),
                   "labels": torch.as_tensor(np.asarray(out["labels"], np.int64).reshape(-1)),
                   "image_id": torch.tensor(record.image_id)}
+        if self.original_boxes:
+            # evaluation in the image's own pixels (COCO's small/medium/large areas are defined there): the
+            # boxes before the transform, and the factor that takes a prediction on the input back to them
+            target["original_boxes"] = torch.as_tensor(boxes)
+            target["original_labels"] = torch.as_tensor(np.asarray(labels, np.int64).reshape(-1))
+            scale_x, scale_y = float(whole[2]) / width, float(whole[3]) / height
+            target["scale"] = torch.tensor([scale_x, scale_y, scale_x, scale_y], dtype=torch.float32)
         return out["image"], target
 
 
@@ -138,11 +156,13 @@ class DetectionDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes; 0 = load in the main process.
         seed: seed of the shapes scenes, their split, the shuffling and the augmentation.
         num_images: shapes only: scenes generated, split by val_fraction and test_fraction.
-        val_fraction: shapes only: share of the scenes held out for validation.
+        val_fraction: share held out for validation: of the shapes scenes, or of a folder's training images when it
+            has no val split (carved by ``seed``, the same images every run).
         test_fraction: shapes only: share of the scenes held out for testing.
         max_objects: shapes only: most shapes in one scene.
         split_names: coco only: the file/folder name of each of train/val/test, e.g. {train: train2017, val: val2017};
-            missing keys default to their own name; without a test file, val doubles as test.
+            missing keys default to their own name; without a val split, val is carved from train
+            (``val_fraction``); without a test split, val doubles as test.
         scale_range: training large-scale jitter: (min, max) factor on the image resized to img_size (ViTDet uses
             (0.1, 2.0) at 1024 px).
         hflip: flip training images horizontally at random.
@@ -164,7 +184,7 @@ class DetectionDataModule(L.LightningDataModule):
                  batch_size: PositiveInt = 8, num_workers: NonNegativeInt = 0, seed: int = 42,
                  num_images: PositiveInt = 256, val_fraction: Fraction = 0.125, test_fraction: Fraction = 0.125,
                  max_objects: NonNegativeInt = 4, split_names: dict[str, str] | None = None,
-                 scale_range: tuple[float, float] = (0.5, 1.5), hflip: bool = True, min_visibility: Fraction = 0.3,
+                 scale_range: tuple[float, float] = (0.1, 2.0), hflip: bool = True, min_visibility: Fraction = 0.3,
                  on_bad_annotation: Literal["skip", "error"] = "skip"):
         super().__init__()
         img_size, batch_size, num_workers, num_images, val_fraction, test_fraction, max_objects, min_visibility = \
@@ -236,13 +256,19 @@ class DetectionDataModule(L.LightningDataModule):
             splits = self._read_coco_splits()
         on_bad_image = "skip" if self.on_bad_annotation == "skip" else "error"
         self.train_set = DetectionDataset(splits["train"], self.train_transform(), on_bad_image)
-        self.val_set = DetectionDataset(splits["val"], self.eval_transform(), on_bad_image)
-        self.test_set = DetectionDataset(splits["test"], self.eval_transform(), on_bad_image)
+        self.val_set = DetectionDataset(splits["val"], self.eval_transform(), on_bad_image, original_boxes=True)
+        self.test_set = DetectionDataset(splits["test"], self.eval_transform(), on_bad_image, original_boxes=True)
+        image_log = self._report_skipped()
+        for data in (self.train_set, self.val_set, self.test_set):
+            data.skips.path = image_log
 
     def _read_coco_splits(self) -> dict[str, list[DetectionRecord]]:
         skipped, clipped = self.skipped_annotations, self.clipped_annotations
         splits = {}
         for split in SPLITS:
+            if split == "val" and not self._has_split("val"):
+                splits["train"], splits["val"] = self._carve_val(splits["train"])
+                continue
             if split == "test" and not self._has_split("test"):
                 splits["test"] = splits["val"]  # val doubles as test when there is no test split
                 continue
@@ -257,17 +283,43 @@ class DetectionDataModule(L.LightningDataModule):
                 records, _ = coco_records(data, source, image_dir, self._categories, skipped, clipped,
                                           self.on_bad_annotation)
             splits[split] = records
-        if skipped:
-            first = skipped[0]
-            warnings.warn(f"data: skipped {len(skipped)} unusable annotation(s) or image(s) under {self.root} "
-                          f"(first: {first.file}, annotation {first.annotation_id}: {first.problem}); all are in "
-                          f"skipped_annotations", stacklevel=2)
-        if clipped:
-            warnings.warn(f"data: clipped {len(clipped)} box(es) reaching outside their image under {self.root} "
-                          f"(first: {clipped[0].problem}); all are in clipped_annotations", stacklevel=2)
         if not splits["train"]:
             raise ValueError(f"data.root: no usable training images in the {self.dataset} folder {self.root}")
         return splits
+
+    def _carve_val(self, records: list[DetectionRecord]) -> tuple[list[DetectionRecord], list[DetectionRecord]]:
+        """(train, val): ``val_fraction`` of the records (at least one, seeded) held out for validation."""
+        if len(records) < 2:
+            raise ValueError(f"data.root: {self.root} has no val split and {len(records)} training image(s): "
+                             f"need at least 2 to carve a validation set (data.val_fraction)")
+        n_val = min(len(records) - 1, max(1, int(round(len(records) * self.hparams.val_fraction))))
+        held = set(np.random.default_rng(self.seed).permutation(len(records))[:n_val].tolist())
+        return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
+
+    def _report_skipped(self) -> Path | None:
+        """One warning each for the annotations left out and the boxes clipped, every one listed in
+        ``skipped_annotations.tsv`` in the run directory; returns the run's ``skipped_images.tsv`` (images that
+        fail to decode later are appended there)."""
+        trainer = getattr(self, "trainer", None)
+        run_dir = Path(trainer.log_dir) if trainer is not None and trainer.log_dir else None
+        listing = run_dir / "skipped_annotations.tsv" if run_dir else None
+        items = [("skipped", b) for b in self.skipped_annotations] + [("clipped", b) for b in self.clipped_annotations]
+        if listing is not None and items and trainer.is_global_zero:
+            listing.parent.mkdir(parents=True, exist_ok=True)
+            listing.write_text("action\tfile\tannotation_id\tproblem\n" + "".join(
+                f"{action}\t{b.file}\t{'' if b.annotation_id is None else b.annotation_id}\t{b.problem}\n"
+                for action, b in items), encoding="utf-8")
+        where = f" (listed in {listing})" if listing is not None else ""
+        skipped, clipped = self.skipped_annotations, self.clipped_annotations
+        if skipped:
+            first = skipped[0]
+            warnings.warn(f"data: skipped {len(skipped)} unusable annotation(s) or image(s) under {self.root} "
+                          f"(first: {first.file}, annotation {first.annotation_id}: {first.problem}){where}",
+                          stacklevel=3)
+        if clipped:
+            warnings.warn(f"data: clipped {len(clipped)} box(es) reaching outside their image under {self.root} "
+                          f"(first: {clipped[0].problem}){where}", stacklevel=3)
+        return run_dir / "skipped_images.tsv" if run_dir else None
 
     # ---- loaders ---------------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
@@ -317,11 +369,10 @@ def _check_args(*, dataset, root, img_size, batch_size, num_workers, num_images,
         if not root:
             problems.append(f"data.root: required for dataset {dataset!r} ({layout})")
         else:
-            names = {split: (split_names or {}).get(split, split) for split in SPLITS}
-            for split in ("train", "val"):
-                path = where(Path(root).expanduser(), names[split])
-                if not path.exists():
-                    problems.append(f"data.root: {path} not found (the {split} split of a {dataset} folder: {layout})")
+            train = (split_names or {}).get("train", "train")  # without val, val is carved from train
+            path = where(Path(root).expanduser(), train)
+            if not path.exists():
+                problems.append(f"data.root: {path} not found (the train split of a {dataset} folder: {layout})")
     elif root is not None:
         problems.append(f"data.root: only read by datasets coco, voc and yolo, got {root!r} with dataset {dataset!r}")
     if split_names is not None and set(split_names) - set(SPLITS):

@@ -52,7 +52,7 @@ def detect(model, image: np.ndarray, name: str, score_threshold: float = 0.05) -
     """One HWC uint8 image's boxes as COCO results: ``bbox`` [x, y, width, height] in the image's own pixels (the
     model resizes inside and maps boxes back), ``category_id`` (the label index), ``category_name``, ``score``."""
     names = model.class_names or [str(i) for i in range(model.hparams.num_classes)]
-    found = model([torch.from_numpy(image).permute(2, 0, 1).float().div(255)])[0]
+    found = model([torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255)])[0]
     keep = found["scores"] >= score_threshold
     entries = []
     for box, label, score in zip(found["boxes"][keep].tolist(), found["labels"][keep].tolist(),

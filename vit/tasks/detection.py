@@ -130,12 +130,10 @@ class ObjectDetector(TaskCheckpoints, L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        images, targets = batch
-        self.val_map.update(self(images), _metric_targets(targets))
+        self.val_map.update(*_in_original_pixels(self(batch[0]), batch[1]))
 
     def test_step(self, batch, batch_idx: int) -> None:
-        images, targets = batch
-        self.test_map.update(self(images), _metric_targets(targets))
+        self.test_map.update(*_in_original_pixels(self(batch[0]), batch[1]))
 
     def predict_step(self, batch, batch_idx: int) -> list[dict[str, torch.Tensor]]:
         images = batch[0] if isinstance(batch, (list, tuple)) and isinstance(batch[0], (list, tuple)) else batch
@@ -210,8 +208,18 @@ def build_faster_rcnn(pyramid: SimpleFeaturePyramid, num_classes: int, image_siz
                       box_batch_size_per_image=roi_batch_size)
 
 
-def _metric_targets(targets: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-    return [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
+def _in_original_pixels(predictions: list[dict[str, torch.Tensor]], targets: list[dict[str, torch.Tensor]]):
+    """(predictions, targets) for the mAP metric in each image's own pixels, where COCO's small/medium/large
+    areas are defined: predictions on the resized input divided by its ``scale``, the boxes before the transform.
+    Targets without ``scale`` (data that did not record it) are measured on the input as they are."""
+    preds, truths = [], []
+    for pred, target in zip(predictions, targets):
+        if "scale" in target:
+            pred = {**pred, "boxes": pred["boxes"] / target["scale"].to(pred["boxes"])}
+            target = {"boxes": target["original_boxes"], "labels": target["original_labels"]}
+        preds.append(pred)
+        truths.append({"boxes": target["boxes"], "labels": target["labels"]})
+    return preds, truths
 
 
 def _image_size(backbone: Backbone, image_size: int | None) -> int | None:
