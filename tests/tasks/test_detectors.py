@@ -126,3 +126,111 @@ def test_bad_detector_settings_name_the_key():
     with pytest.raises(ValueError, match="model.out_channels: FCOS's head .* multiple of 32, got 48"):
         ObjectDetector(Backbone(img_size=64, patch_size=8, embed_dim=32, depth=1, num_heads=2), num_classes=2,
                        detector="fcos", out_channels=48)
+
+
+# ---- training features shared with the classifier ------------------------------------------------------------
+def test_ema_weights_are_what_validation_and_checkpoints_see(tmp_path):
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+    decay, name = 0.5, "detector.roi_heads.box_predictor.cls_score.weight"
+
+    class Probe(L.Callback):
+        def __init__(self):
+            self.raw, self.evaluated, self.raw_during_val = [], None, None
+
+        def on_train_batch_end(self, trainer, module, *args):
+            self.raw.append(module.get_parameter(name).detach().clone())
+
+        def on_validation_batch_start(self, trainer, module, *args):
+            self.evaluated = module.get_parameter(name).detach().clone()
+            ema = next(c for c in trainer.callbacks if isinstance(c, EMAWeightAveraging))
+            self.raw_during_val = ema._average_model.module.get_parameter(name).detach().clone()
+
+    probe = Probe()
+    # 2 epochs of 2 batches: the last validation follows the 4th step
+    trainer = fit(detector(lr=1e-2, warmup_epochs=0.0, ema_decay=decay), tmp_path, steps=4, callbacks=[probe])
+    expected = probe.raw[0]
+    for weight in probe.raw[1:]:
+        expected = decay * expected + (1 - decay) * weight
+    assert torch.allclose(probe.evaluated, expected, atol=1e-6)  # validation ran on the EMA weights
+    assert torch.equal(probe.raw_during_val, probe.raw[-1]) and not torch.allclose(expected, probe.raw[-1])
+    trainer.save_checkpoint(tmp_path / "ema.ckpt")
+    checkpoint = torch.load(tmp_path / "ema.ckpt", weights_only=False)
+    assert torch.allclose(checkpoint["state_dict"][name], expected, atol=1e-6) and "current_model_state" in checkpoint
+    with pytest.raises(ValueError, match="model.ema_decay"):
+        detector(ema_decay=1.5)
+
+
+def test_budget_schedule_decays_over_the_time_allowed(tmp_path):
+    lrs = []
+
+    class RecordLR(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    module = detector(lr=1e-3, warmup_epochs=0.0, min_lr_ratio=0.01, schedule="budget")
+    trainer = fit(module, tmp_path, steps=-1, callbacks=[RecordLR()], max_time={"seconds": 8}, max_epochs=-1)
+    timer = next(c for c in trainer.callbacks if type(c).__name__ == "Timer")
+    assert timer.time_elapsed("train") >= 7.5 and len(lrs) >= 4  # the time, not a step count, ended training
+    assert max(lrs) > 0.5e-3 and lrs[-1] < 0.2e-3, lrs  # from near the peak to (nearly) the floor
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])), lrs  # no warm-up asked for: a cosine that only falls
+    with pytest.raises(ValueError, match="trainer.max_time"):
+        fit(detector(schedule="budget"), tmp_path, steps=2)
+    with pytest.raises(ValueError, match="model.schedule: expected one of epochs, budget"):
+        detector(schedule="minutes")
+
+
+def test_drop_path_reaches_the_blocks_also_from_a_pretrained_source(tmp_path):
+    from vit import save_pretrained
+    arch = dict(img_size=64, patch_size=8, embed_dim=32, depth=3, num_heads=2)
+    save_pretrained(VisionTransformer(**arch, num_classes=0), tmp_path / "tiny")
+    for backbone in (Backbone(**arch, drop_path_rate=0.2), Backbone(pretrained=str(tmp_path / "tiny"),
+                                                                    drop_path_rate=0.2)):
+        vit = detector(backbone=backbone).detector.backbone.vit
+        assert [b.drop_path1.drop_prob for b in vit.blocks[1:]] == pytest.approx([0.1, 0.2])
+        assert isinstance(vit.blocks[0].drop_path1, torch.nn.Identity)  # the linear rule starts at 0
+    pyramid = detector(backbone=Backbone(**arch, drop_path_rate=0.5)).detector.backbone
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert not torch.equal(pyramid.train()(x)["p3"], pyramid(x)["p3"])  # a different path each call
+        assert torch.equal(pyramid.eval()(x)["p3"], pyramid(x)["p3"])
+
+
+def _poisoned(**kwargs) -> ObjectDetector:
+    module = detector(**kwargs)
+    with torch.no_grad():
+        module.detector.roi_heads.box_predictor.cls_score.bias.fill_(float("nan"))
+    return module
+
+
+def test_a_nonfinite_loss_stops_naming_step_rate_and_terms(tmp_path):
+    from vit.tasks.common import NonFiniteLossError
+    with pytest.raises(NonFiniteLossError, match=r"nan = \{'loss_classifier': nan.*at step 0 .*learning rate"):
+        fit(_poisoned(), tmp_path, steps=2)
+
+
+def test_a_nonfinite_loss_is_skipped_and_counted(tmp_path):
+    module = _poisoned(nonfinite_loss="skip")
+    before = module.detector.backbone.vit.blocks[0].attn.qkv.weight.detach().clone()
+    with pytest.warns(UserWarning, match="skipping a batch with a non-finite loss"):
+        trainer = fit(module, tmp_path, steps=-1, max_epochs=2, limit_train_batches=2, limit_val_batches=0)
+    assert module.nonfinite_skipped == 4  # no gradient reached AdamW, so no weight moved
+    assert torch.equal(module.detector.backbone.vit.blocks[0].attn.qkv.weight, before)
+    trainer.save_checkpoint(tmp_path / "skipped.ckpt")
+    assert torch.load(tmp_path / "skipped.ckpt", weights_only=False)["nonfinite_skipped"] == 4
+
+
+def test_the_cli_takes_the_detector_and_training_features(tmp_path):
+    from pathlib import Path
+
+    from vit.training.cli import cli
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "detection" / "shapes.yaml"
+    app = cli(["--config", str(recipe), "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path),
+               "--data.num_workers", "0", "--model.detector", "retinanet", "--model.ema_decay", "0.99",
+               "--model.schedule", "budget", "--model.nonfinite_loss", "skip", "--model.backbone.window_size", "4",
+               "--model.backbone.global_attn_indexes", "[1, 3]", "--model.backbone.drop_path_rate", "0.1"], run=False)
+    module = app.model
+    assert isinstance(module.detector, RetinaNet)
+    assert (module.hparams.ema_decay, module.hparams.schedule, module.hparams.nonfinite_loss) == (0.99, "budget",
+                                                                                                  "skip")
+    vit = module.detector.backbone.vit
+    assert [b.attn.window_size for b in vit.blocks] == [4, 0, 4, 0] and vit.config.drop_path_rate == 0.1

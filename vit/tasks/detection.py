@@ -15,17 +15,18 @@ from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign
 
-from ..training.optim import epoch_warmup_cosine, scaled_param_groups
+from ..training.optim import scaled_param_groups
 from ..utils.ranges import (
     Fraction,
     NonNegativeFloat,
+    OpenUnitInterval,
     PositiveFloat,
     PositiveInt,
     plain,
     range_problems,
 )
 from .backbone import Backbone
-from .common import TaskCheckpoints
+from .common import TaskCheckpoints, TrainingFeatures, training_feature_problems
 from .pyramid import SimpleFeaturePyramid, norm_and_bias_names
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -38,17 +39,17 @@ MAP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "
             "mar_small", "mar_medium", "mar_large")
 
 
-class ObjectDetector(TaskCheckpoints, L.LightningModule):
+class ObjectDetector(TaskCheckpoints, TrainingFeatures, L.LightningModule):
     """Train an object detector on a ViT: ViTDet's simple feature pyramid (``vit.tasks.pyramid``) under
     torchvision's Faster R-CNN (RPN with one anchor size per pyramid level, RoI align over the pyramid's maps),
     RetinaNet or FCOS (one-stage, over pyramid levels 3-7); AdamW with layer-wise LR decay, linear warm-up +
     cosine decay; COCO mAP (torchmetrics, pycocotools backend).
 
-    Targets use labels 0..K-1 (``vit.data.detection``); Faster R-CNN reserves 0 for the background, so with it this
-    module adds 1 going in and subtracts it coming out: predictions and metrics use the data's labels. Images are float
-    tensors in [0, 1]: the detector normalises them itself, with the pretrained weights' mean/std (ImageNet's if
-    they record none), resizes their longer side to ``image_size`` and pads each batch to the pyramid's coarsest
-    stride.
+    Targets use labels 0..K-1 (``vit.data.detection``); Faster R-CNN reserves 0 for the background, so with it
+    this module adds 1 going in and subtracts it coming out: predictions and metrics use the data's labels.
+    Images are float tensors in [0, 1]: the detector normalises them itself, with the pretrained weights'
+    mean/std (ImageNet's if they record none), resizes their longer side to ``image_size`` and pads each batch
+    to the pyramid's coarsest stride.
 
     The ViT is built at ``image_size`` (a pretrained position table is resampled once, at load, so the usual
     input costs nothing extra) and with ``dynamic_img_size`` on, so a batch padded to another size (non-square
@@ -77,6 +78,13 @@ class ObjectDetector(TaskCheckpoints, L.LightningModule):
             Faster R-CNN).
         score_thresh: detections scoring below this are dropped at inference.
         detections_per_img: most detections kept per image at inference.
+        ema_decay: decay of an exponential moving average of the weights, used for validation, test and the
+            checkpoints (the raw weights are kept for resuming); None = off.
+        schedule: "epochs": warm-up + cosine over trainer.max_epochs; "budget": the cosine decays over the time
+            trainer.max_time allows (less a reserve for the last validation), whatever the step rate; use it with
+            trainer.max_epochs -1.
+        nonfinite_loss: on a NaN/inf training loss, "error" stops the run naming the step, learning rate and each
+            loss term; "skip" skips the batch (counted in train/nonfinite_skipped).
 
     Example:
         >>> module = ObjectDetector(Backbone(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2),
@@ -86,22 +94,25 @@ class ObjectDetector(TaskCheckpoints, L.LightningModule):
     """
 
     def __init__(self, backbone: Backbone = Backbone(), num_classes: int = 80, class_names: list[str] | None = None,
-                 detector: Literal["faster_rcnn", "retinanet", "fcos"] = "faster_rcnn", image_size: PositiveInt | None = None,
+                 detector: Literal["faster_rcnn", "retinanet", "fcos"] = "faster_rcnn",
+                 image_size: PositiveInt | None = None,
                  out_channels: PositiveInt = 256, lr: PositiveFloat = 1e-4, weight_decay: NonNegativeFloat = 0.1,
                  warmup_epochs: NonNegativeFloat = 1.0, min_lr_ratio: Fraction = 0.01,
                  representation_size: PositiveInt = 1024, roi_batch_size: PositiveInt = 512,
-                 score_thresh: Fraction = 0.05, detections_per_img: PositiveInt = 100):
+                 score_thresh: Fraction = 0.05, detections_per_img: PositiveInt = 100,
+                 ema_decay: OpenUnitInterval | None = None, schedule: Literal["epochs", "budget"] = "epochs",
+                 nonfinite_loss: Literal["error", "skip"] = "error"):
         super().__init__()
         (image_size, out_channels, lr, weight_decay, warmup_epochs, min_lr_ratio, representation_size, roi_batch_size,
-         score_thresh, detections_per_img) = plain(image_size, out_channels, lr, weight_decay, warmup_epochs,
-                                                   min_lr_ratio, representation_size, roi_batch_size, score_thresh,
-                                                   detections_per_img)
+         score_thresh, detections_per_img, ema_decay) = plain(
+            image_size, out_channels, lr, weight_decay, warmup_epochs, min_lr_ratio, representation_size,
+            roi_batch_size, score_thresh, detections_per_img, ema_decay)
         self.backbone = Backbone.from_value(backbone)
         backbone = self.backbone.as_dict()  # checkpoints hold plain values (read with weights_only=True)
         self.save_hyperparameters()
         _check_args(num_classes=num_classes, class_names=class_names, detector=detector, lr=lr,
                     weight_decay=weight_decay, warmup_epochs=warmup_epochs, min_lr_ratio=min_lr_ratio,
-                    score_thresh=score_thresh)
+                    score_thresh=score_thresh, ema_decay=ema_decay, schedule=schedule, nonfinite_loss=nonfinite_loss)
         self.class_names = list(class_names) if class_names is not None else None
         # Built (and pretrained weights read) here: a resumed .ckpt is restored after __init__ and must win.
         vit = dataclasses.replace(self.backbone, img_size=_image_size(self.backbone, image_size),
@@ -138,9 +149,7 @@ class ObjectDetector(TaskCheckpoints, L.LightningModule):
         losses = self.detector(list(images), targets)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss at step {self.global_step} "
-                                     f"({ {k: float(v) for k, v in losses.items()} }); lower model.lr or raise "
-                                     f"model.warmup_epochs")
+            return self.nonfinite(loss, batch_idx, losses)
         batch_size = len(images)
         # Faster R-CNN: loss_classifier, loss_box_reg, loss_objectness, loss_rpn_box_reg; RetinaNet:
         # classification, bbox_regression; FCOS: those and bbox_ctrness
@@ -196,8 +205,7 @@ class ObjectDetector(TaskCheckpoints, L.LightningModule):
         hp = self.hparams
         groups = scaled_param_groups(self, hp.lr, hp.weight_decay, self.backbone.layer_decay)
         optimizer = torch.optim.AdamW(groups, lr=hp.lr)
-        schedule = epoch_warmup_cosine(optimizer, self.trainer, hp.warmup_epochs, hp.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_config(optimizer)}
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def checkpoint_backbone(self):
@@ -277,7 +285,7 @@ def _image_size(backbone: Backbone, image_size: int | None) -> int | None:
 
 
 def _check_args(*, num_classes, class_names, detector, lr, weight_decay, warmup_epochs, min_lr_ratio,
-                score_thresh) -> None:
+                score_thresh, ema_decay, schedule, nonfinite_loss) -> None:
     problems = range_problems("model", {"lr": (PositiveFloat, lr), "weight_decay": (NonNegativeFloat, weight_decay),
                                         "warmup_epochs": (NonNegativeFloat, warmup_epochs),
                                         "min_lr_ratio": (Fraction, min_lr_ratio),
@@ -287,6 +295,7 @@ def _check_args(*, num_classes, class_names, detector, lr, weight_decay, warmup_
                         f"background), got {num_classes!r}")
     elif class_names is not None and len(class_names) != num_classes:
         problems.append(f"model.class_names has {len(class_names)} names but model.num_classes is {num_classes}")
+    problems += training_feature_problems(schedule=schedule, ema_decay=ema_decay, nonfinite_loss=nonfinite_loss)
     if detector not in DETECTORS:
         problems.append(f"model.detector: expected one of {', '.join(DETECTORS)}, got {detector!r}")
     if problems:
