@@ -127,3 +127,23 @@ def test_small_data_tiny_mode_trains_under_a_budget_and_draws_the_curve(capsys, 
     assert (tmp_path / "results.csv").read_text().startswith("minutes,")
     pytest.importorskip("matplotlib")
     assert (tmp_path / "accuracy_vs_minutes.png").stat().st_size > 1000
+
+
+@pytest.mark.slow  # three detectors built and stepped: ~40 s on 2 shared cores
+def test_detection_tiny_mode_compares_vit_global_windowed_and_resnet50_fpn(capsys):
+    detection = _load("detection")
+    threads = torch.get_num_threads()
+    try:
+        rows = detection.main(["--tiny", "--sizes", "64", "--batch", "1", "--repeats", "1", "--warmup", "0"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "| size | model | params (M) | train img/s | train peak MB | infer img/s | infer peak MB |" in out
+    assert [r["model"] for r in rows] == ["vit-s16 global", "vit-s16 window", "resnet50-fpn"]
+    assert all(r["train_ips"] > 0 and r["infer_ips"] > 0 for r in rows)
+    global_, windowed, resnet = rows
+    assert global_["params"] == windowed["params"]  # windows add no parameters
+    # torchvision's fasterrcnn_resnet50_fpn, 91 classes; without backbone weights its BatchNorms train (41,755,286
+    # in torchvision's table counts them frozen, as buffers)
+    assert resnet["params"] == 41_808_406
+    assert "| 64 | resnet50-fpn |" in out and ("peak RSS growth" in out or "max_memory_allocated" in out)

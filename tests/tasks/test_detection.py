@@ -58,7 +58,7 @@ def test_pyramid_shapes_and_strides(patch, size, names):
 def test_pyramid_takes_the_last_blocks_patch_tokens():
     """p4 (scale 1) is a projection of the ViT's final, normed patch-token map: the class token plays no part."""
     vit = _vit(8, 32)
-    pyramid = SimpleFeaturePyramid(vit, out_channels=16, scale_factors=(1.0,), extra_pool=False)
+    pyramid = SimpleFeaturePyramid(vit, out_channels=16, scale_factors=(1.0,), top_block=None)
     images = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         tokens = vit.forward_features(images)[:, 1:]  # (B, 16, D) after the final norm

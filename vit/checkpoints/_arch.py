@@ -107,7 +107,10 @@ def infer_architecture(state_dict: Mapping[str, torch.Tensor], hints: Mapping[st
         init_values=(hints.get("init_values") or 1e-5) if ls is not None else None,
         reg_tokens=reg_tokens, no_embed_class=no_embed_class, pre_norm="norm_pre.weight" in state_dict,
         act_layer=hints.get("act_layer") or ("silu" if swiglu else "gelu"), mlp_layer="swiglu" if swiglu else "mlp",
-        embed_layer="spt" if spt else "conv", attn_layer="lsa" if "blocks.0.attn.scale" in state_dict else "mha")
+        embed_layer="spt" if spt else "conv", attn_layer="lsa" if "blocks.0.attn.scale" in state_dict else "mha",
+        # attention windows have no weights: only a config file (or the caller) tells them
+        window_size=int(hints.get("window_size") or 0),
+        global_attn_indexes=tuple(hints.get("global_attn_indexes") or ()))
 
 
 def _position_layout(length: int, prefix: int, patch: tuple[int, int], hints: Mapping[str, Any], name: str

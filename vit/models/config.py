@@ -58,6 +58,11 @@ class ViTConfig:
             datasets; Lee et al. 2021).
         attn_layer: ``"mha"`` or ``"lsa"`` (Locality Self-Attention: learned temperature, no self-attention to
             the token itself; Lee et al. 2021).
+        window_size: ViTDet windowed attention (Li et al. 2022): blocks not in ``global_attn_indexes`` attend
+            within non-overlapping ``window_size`` x ``window_size`` windows of the patch grid (padded to a
+            multiple); prefix tokens attend globally and join every window. 0 = off (every block global).
+        global_attn_indexes: indices of the blocks that keep global attention when ``window_size`` is on
+            (ViTDet-B: 2, 5, 8, 11).
 
     Example:
         >>> config = ViTConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
@@ -97,6 +102,8 @@ class ViTConfig:
     mlp_layer: str = "mlp"
     embed_layer: str = "conv"
     attn_layer: str = "mha"
+    window_size: int = 0
+    global_attn_indexes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         size = self.img_size
@@ -106,6 +113,8 @@ class ViTConfig:
                                  f"(height, width), got {list(size)}")
             size = (size[0], size[1]) if size[0] != size[1] else size[0]
         object.__setattr__(self, "img_size", size)  # one spelling per size, so equal configs compare equal
+        if isinstance(self.global_attn_indexes, (list, tuple)):  # JSON gives a list
+            object.__setattr__(self, "global_attn_indexes", tuple(self.global_attn_indexes))
         problems = _problems(self)
         if problems:
             raise ValueError("invalid VisionTransformer configuration:\n  " + "\n  ".join(problems))
@@ -152,6 +161,7 @@ class ViTConfig:
         values = dataclasses.asdict(self)
         if isinstance(values["img_size"], tuple):
             values["img_size"] = list(values["img_size"])
+        values["global_attn_indexes"] = list(values["global_attn_indexes"])
         if not training:
             for key in TRAINING_FIELDS:
                 values.pop(key)
@@ -230,4 +240,21 @@ def _problems(config: ViTConfig) -> list[str]:
     if config.mlp_layer == "swiglu" and isinstance(config.embed_dim, int) and mlp_hidden(config) % 2:
         problems.append(f"mlp_layer 'swiglu' splits the MLP's hidden width in two: embed_dim x mlp_ratio = "
                         f"{mlp_hidden(config)} must be even")
+    problems.extend(_window_problems(config))
+    return problems
+
+
+def _window_problems(config: ViTConfig) -> list[str]:
+    problems = []
+    window, indexes = config.window_size, config.global_attn_indexes
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        problems.append(f"window_size: expected an integer >= 0 (0 = global attention everywhere), got {window!r}")
+    elif window and config.attn_layer != "mha":
+        problems.append(f"window_size: windowed attention needs attn_layer 'mha', got {config.attn_layer!r}")
+    depth = config.depth if isinstance(config.depth, int) and not isinstance(config.depth, bool) else 0
+    if not isinstance(indexes, tuple) or not all(isinstance(i, int) and not isinstance(i, bool) for i in indexes):
+        problems.append(f"global_attn_indexes: expected a list of block indices, got {indexes!r}")
+    elif any(not 0 <= i < depth for i in indexes) or len(set(indexes)) != len(indexes):
+        problems.append(f"global_attn_indexes: expected distinct block indices in 0..{depth - 1} (depth {depth}), "
+                        f"got {list(indexes)}")
     return problems

@@ -67,12 +67,18 @@ class Attention(nn.Module):
     """Multi-head self-attention, fused through ``scaled_dot_product_attention``.
 
     ``locality=True`` is Locality Self-Attention (Lee et al. 2021): a learned temperature instead of the fixed
-    1/sqrt(head_dim), and no token attends to itself, which sharpens attention on small datasets."""
+    1/sqrt(head_dim), and no token attends to itself, which sharpens attention on small datasets.
+
+    ``window_size > 0`` is ViTDet's windowed attention (Li et al. 2022): see ``window_attention``; ``forward``
+    then needs the patch grid."""
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, locality: bool = False):
+                 proj_drop: float = 0.0, locality: bool = False, window_size: int = 0, num_prefix_tokens: int = 0):
         super().__init__()
         self.num_heads = num_heads
+        # ViTDet windowed attention (0 = global); the prefix tokens' count tells the patch grid's first token
+        self.window_size = window_size
+        self.num_prefix_tokens = num_prefix_tokens
         self.head_dim = dim // num_heads
         self.locality = locality
         # LSA: the scale is learned (starting at the usual value); a Parameter, so checkpoints keep it
@@ -95,23 +101,103 @@ class Attention(nn.Module):
         mask = ~torch.eye(n, dtype=torch.bool, device=q.device)  # True = may attend
         return q * (self.scale * self.head_dim ** 0.5), mask
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self._qkv(x)
-        q, mask = self._locality(q, N)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.attn_drop if self.training else 0.0)
+        dropout = self.attn_drop if self.training else 0.0
+        if self.window_size:
+            x = window_attention(q, k, v, _grid(grid, N - self.num_prefix_tokens), self.window_size,
+                                 self.num_prefix_tokens, dropout)
+        else:
+            q, mask = self._locality(q, N)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, heads, N, C/heads) -> (B, N, C)
         return self.proj_drop(self.proj(x))
 
-    def attention_map(self, x: torch.Tensor) -> torch.Tensor:
-        """Softmax attention weights (B, heads, N, N), computed explicitly (the fused path never forms them)."""
+    def attention_map(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """Softmax attention weights (B, heads, N, N), computed explicitly (the fused path never forms them);
+        a windowed block's weights are zero outside each token's window."""
         q, k, _ = self._qkv(x)
         q, mask = self._locality(q, x.shape[1])
+        if self.window_size:
+            grid = _grid(grid, x.shape[1] - self.num_prefix_tokens)
+            mask = window_mask(grid, self.window_size, self.num_prefix_tokens, device=x.device)
         logits = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)
         if mask is not None:
             logits = logits.masked_fill(~mask, float("-inf"))
         return logits.softmax(dim=-1)
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int], window_size: int,
+                     num_prefix_tokens: int = 0, dropout_p: float = 0.0) -> torch.Tensor:
+    """ViTDet's windowed attention on (B, heads, prefix + H*W, C/heads) queries, keys and values.
+
+    The patch grid (H, W) is padded at the bottom/right to multiples of ``window_size`` and cut into
+    non-overlapping windows; each patch token attends to the tokens of its window (never to the padding, which is
+    masked out, unlike detectron2's zero padding, so a token's output does not depend on where the grid ends)
+    and to the prefix tokens. The prefix tokens (class, registers) attend to every token, as in a global block.
+    Why: detectron2's ViTDet drops the class token, but our backbones may carry one into a checkpoint; letting
+    the few prefix tokens join every window costs P extra keys per window and P global queries (cheap), adds no
+    parameter, and makes a window that covers the whole grid exactly global attention.
+
+    Example:
+        >>> q = k = v = torch.randn(1, 2, 1 + 5 * 7, 8)
+        >>> window_attention(q, k, v, grid=(5, 7), window_size=4, num_prefix_tokens=1).shape
+        torch.Size([1, 2, 36, 8])
+    """
+    B, heads, _, dim = q.shape
+    P, (H, W), ws = num_prefix_tokens, grid, window_size
+    rows, cols = -(-H // ws), -(-W // ws)  # windows per column and per row
+
+    def windows(t: torch.Tensor) -> torch.Tensor:
+        # (B, heads, H*W, d) -> (B, heads, H', W', d) padded -> (B * windows, heads, ws*ws, d)
+        t = F.pad(t[:, :, P:].reshape(B, heads, H, W, dim), (0, 0, 0, cols * ws - W, 0, rows * ws - H))
+        t = t.reshape(B, heads, rows, ws, cols, ws, dim).permute(0, 2, 4, 1, 3, 5, 6)
+        return t.reshape(B * rows * cols, heads, ws * ws, dim)
+
+    q_win, k_win, v_win = windows(q), windows(k), windows(v)
+    if P:  # every window also sees the prefix tokens (batch-major, like the windows)
+        k_win = torch.cat([k[:, :, :P].repeat_interleave(rows * cols, dim=0), k_win], dim=2)
+        v_win = torch.cat([v[:, :, :P].repeat_interleave(rows * cols, dim=0), v_win], dim=2)
+    mask = None
+    if rows * ws != H or cols * ws != W:
+        real = torch.zeros(rows * ws, cols * ws, dtype=torch.bool, device=q.device)
+        real[:H, :W] = True
+        real = real.reshape(rows, ws, cols, ws).transpose(1, 2).reshape(rows * cols, ws * ws)
+        real = torch.cat([real.new_ones(rows * cols, P), real], dim=1)
+        mask = real.repeat(B, 1)[:, None, None, :]  # (B * windows, 1, 1, P + ws*ws): True = may attend
+    out = F.scaled_dot_product_attention(q_win, k_win, v_win, attn_mask=mask, dropout_p=dropout_p)
+    # (B * windows, heads, ws*ws, d) -> (B, heads, H'*W', d), padding dropped -> (B, heads, H*W, d)
+    out = out.reshape(B, rows, cols, heads, ws, ws, dim).permute(0, 3, 1, 4, 2, 5, 6)
+    out = out.reshape(B, heads, rows * ws, cols * ws, dim)[:, :, :H, :W].reshape(B, heads, H * W, dim)
+    if P:
+        prefix = F.scaled_dot_product_attention(q[:, :, :P], k, v, dropout_p=dropout_p)
+        out = torch.cat([prefix, out], dim=2)
+    return out
+
+
+def window_mask(grid: tuple[int, int], window_size: int, num_prefix_tokens: int = 0,
+                device: torch.device | None = None) -> torch.Tensor:
+    """The (prefix + H*W, prefix + H*W) boolean mask (True = may attend) that turns global attention into
+    ``window_attention``: what the windowed path computes without forming it.
+
+    Example:
+        >>> window_mask((2, 2), 1, num_prefix_tokens=1).int().tolist()
+        [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 0, 0, 1, 0], [1, 0, 0, 0, 1]]
+    """
+    H, W = grid
+    window = ((torch.arange(H, device=device) // window_size)[:, None] * W
+              + torch.arange(W, device=device) // window_size).flatten()  # window index of each patch
+    mask = torch.ones(num_prefix_tokens + H * W, num_prefix_tokens + H * W, dtype=torch.bool, device=device)
+    mask[num_prefix_tokens:, num_prefix_tokens:] = window[:, None] == window[None, :]
+    return mask
+
+
+def _grid(grid: tuple[int, int] | None, num_patches: int) -> tuple[int, int]:
+    if grid is None or grid[0] * grid[1] != num_patches:
+        raise ValueError(f"windowed attention needs the patch grid (rows, cols) of the {num_patches} patch tokens, "
+                         f"got {grid!r}")
+    return grid
 
 
 class QuickGELU(nn.Module):
@@ -171,14 +257,16 @@ class LayerScale(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm encoder block: x + attn(norm(x)), then x + mlp(norm(x)); each branch optionally LayerScaled."""
+    """Pre-norm encoder block: x + attn(norm(x)), then x + mlp(norm(x)); each branch optionally LayerScaled.
+    ``window_size > 0``: windowed attention over the patch grid that ``forward`` is given."""
 
-    def __init__(self, config: ViTConfig, drop_path: float = 0.0):
+    def __init__(self, config: ViTConfig, drop_path: float = 0.0, window_size: int = 0):
         super().__init__()
         dim, eps = config.embed_dim, config.norm_eps
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, config.num_heads, qkv_bias=config.qkv_bias, attn_drop=config.attn_drop_rate,
-                              proj_drop=config.drop_rate, locality=config.attn_layer == "lsa")
+                              proj_drop=config.drop_rate, locality=config.attn_layer == "lsa",
+                              window_size=window_size, num_prefix_tokens=config.num_prefix_tokens)
         self.ls1 = LayerScale(dim, config.init_values) if config.init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=eps)
@@ -187,8 +275,8 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, config.init_values) if config.init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), grid)))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 

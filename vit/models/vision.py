@@ -65,7 +65,8 @@ class VisionTransformer(nn.Module):
         self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if config.pre_norm else nn.Identity()
         # linear stochastic-depth rule
         drop_path = [config.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        self.blocks = nn.Sequential(*[Block(config, drop_path[i]) for i in range(depth)])
+        windows = [0 if i in config.global_attn_indexes else config.window_size for i in range(depth)]
+        self.blocks = nn.Sequential(*[Block(config, drop_path[i], windows[i]) for i in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if config.final_norm and not use_fc_norm else nn.Identity()
         self.attn_pool = AttentionPool(config) if config.global_pool == "map" else None
         self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if use_fc_norm else nn.Identity()
@@ -107,19 +108,23 @@ class VisionTransformer(nn.Module):
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images -> the tokens the first block reads: (B, C, H, W) -> (B, prefix + N, D)."""
-        grid = self._check_input(x)
-        return self._pos_embed(self.patch_embed(x), grid)
+        return self._embed_with_grid(x)[0]
 
-    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _embed_with_grid(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """``_embed`` and the patch grid (rows, cols) it made, which windowed attention needs."""
+        grid = self._check_input(x)
+        return self._pos_embed(self.patch_embed(x), grid), grid
+
+    def _run_block(self, block: nn.Module, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, use_reentrant=False)
-        return block(x)
+            return checkpoint(block, x, grid, use_reentrant=False)
+        return block(x, grid)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """All tokens after the final norm: (B, C, H, W) -> (B, prefix + N, D)."""
-        x = self._embed(x)
+        x, grid = self._embed_with_grid(x)
         for block in self.blocks:
-            x = self._run_block(block, x)
+            x = self._run_block(block, x, grid)
         return self.norm(x)
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
@@ -146,10 +151,10 @@ class VisionTransformer(nn.Module):
         if any(not 0 <= i < depth for i in take) or (isinstance(indices, int) and not 0 < indices <= depth):
             raise ValueError(f"indices: expected block indices of a {depth}-block model, got {indices!r}")
         batch, _, height, width = x.shape
-        x = self._embed(x)
+        x, grid = self._embed_with_grid(x)
         outputs = []
         for i, block in enumerate(self.blocks):
-            x = self._run_block(block, x)
+            x = self._run_block(block, x, grid)
             if i in take:
                 outputs.append(self.norm(x) if norm else x)
         prefix = [y[:, :self.num_prefix_tokens] for y in outputs]
@@ -190,11 +195,11 @@ class VisionTransformer(nn.Module):
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Attention weights of every block, each (B, heads, N, N); computed on request, not in ``forward``."""
-        x = self._embed(x)
+        x, grid = self._embed_with_grid(x)
         maps = []
         for block in self.blocks:
-            maps.append(block.attn.attention_map(block.norm1(x)))
-            x = block(x)
+            maps.append(block.attn.attention_map(block.norm1(x), grid))
+            x = block(x, grid)
         return maps
 
     # ---- timm-style utilities ---------------------------------------------------------------------

@@ -1,25 +1,24 @@
 """ImageClassifier: the LightningModule that trains a VisionTransformer."""
 from __future__ import annotations
 
-import time
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score,
                                          MulticlassPrecision, MulticlassRecall)
 
-from ..training.optim import TimeBudgetCosine, epoch_warmup_cosine, scaled_param_groups
+from ..training.optim import scaled_param_groups
 from ..utils.ranges import (ClosedUnitInterval, Fraction, NonNegativeFloat, OpenUnitInterval, PositiveFloat, plain,
                             range_problems)
 from .backbone import Backbone, freeze_layers  # noqa: F401  (freeze_layers: re-exported)
-from .common import ClassMismatchError, TaskCheckpoints  # noqa: F401  (ClassMismatchError: re-exported)
+from .common import (  # noqa: F401  (ClassMismatchError, NonFiniteLossError: re-exported)
+    ClassMismatchError, NonFiniteLossError, TaskCheckpoints, TrainingFeatures, training_feature_problems)
 
 
-class ImageClassifier(TaskCheckpoints, L.LightningModule):
+class ImageClassifier(TaskCheckpoints, TrainingFeatures, L.LightningModule):
     """Train a ViT classifier: cross-entropy with label smoothing, AdamW (no decay on embeddings, norms,
     biases), linear warm-up + cosine decay per step, top-1/top-5 accuracy.
 
@@ -73,13 +72,12 @@ class ImageClassifier(TaskCheckpoints, L.LightningModule):
         backbone = self.backbone.as_dict()  # checkpoints hold plain values (they are read with weights_only=True)
         self.save_hyperparameters()  # reads the (now plain) arguments from this frame
         _check_training_args(lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-                             min_lr_ratio=min_lr_ratio, label_smoothing=label_smoothing, nonfinite_loss=nonfinite_loss)
+                             min_lr_ratio=min_lr_ratio, label_smoothing=label_smoothing, nonfinite_loss=nonfinite_loss,
+                             schedule=schedule)
         _check_finetune_args(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, mix_prob=mix_prob,
                              switch_prob=switch_prob, ema_decay=ema_decay)
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"model.class_names has {len(class_names)} names but model.num_classes is {num_classes}")
-        self.nonfinite_skipped = 0  # batches skipped for a NaN/inf loss (model.nonfinite_loss: skip)
-        self._validation_seconds = 0.0  # the last validation's duration (model.schedule: budget keeps room for it)
         self.class_names = list(class_names) if class_names is not None else None
         # Built (and pretrained weights read) here, never in on_fit_start: a resumed .ckpt is restored after
         # __init__ and must win.
@@ -117,7 +115,7 @@ class ImageClassifier(TaskCheckpoints, L.LightningModule):
             loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
         # One host sync on a scalar the progress bar reads anyway; it must happen before the optimizer step.
         if not torch.isfinite(loss):
-            return self._nonfinite(loss, batch_idx)
+            return self.nonfinite(loss, batch_idx)
         self.train_acc(logits.detach(), targets)
         self.log("train/loss", loss.detach(), prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
@@ -155,85 +153,19 @@ class ImageClassifier(TaskCheckpoints, L.LightningModule):
         # ...but Lightning refuses gradient clipping with a fused optimizer (it unscales internally)
         fused = _fused_supported(self) and not self.trainer.gradient_clip_val
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=fused)
-        if hp.schedule == "budget":
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._budget_schedule(optimizer),
-                                                             "interval": "step"}}
-        schedule = epoch_warmup_cosine(optimizer, self.trainer, hp.warmup_epochs, hp.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-    def _budget_schedule(self, optimizer) -> LambdaLR:
-        from lightning.pytorch.callbacks import Timer
-        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
-        if timer is None:
-            raise ValueError("model.schedule: budget decays the learning rate over a time budget: set "
-                             "trainer.max_time (e.g. --trainer.max_time 00:00:20:00) and trainer.max_epochs -1")
-        budget = timer.time_elapsed("train") + timer.time_remaining("train")
-
-        def warmup_steps() -> int:
-            batches = self.trainer.num_training_batches
-            per_epoch = batches if batches != float("inf") else 0
-            return int(round(self.hparams.warmup_epochs * per_epoch / max(1, self.trainer.accumulate_grad_batches)))
-
-        def end() -> float:  # leave room for the validation that follows the last step
-            return budget - min(1.5 * self._validation_seconds, 0.5 * budget)
-
-        rule = TimeBudgetCosine(warmup_steps, self.hparams.min_lr_ratio, elapsed=lambda: timer.time_elapsed("train"),
-                                end=end)
-        # a plain function, which LambdaLR leaves out of its state_dict (the clock comes back with the Timer's)
-        return LambdaLR(optimizer, lambda step: rule(step))
-
-    def on_validation_epoch_start(self) -> None:
-        self._validation_started = time.perf_counter()
-
-    def on_validation_epoch_end(self) -> None:
-        if not self.trainer.sanity_checking:
-            self._validation_seconds = time.perf_counter() - self._validation_started
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_config(optimizer)}
 
     def configure_callbacks(self):
-        from lightning.pytorch.callbacks import EMAWeightAveraging
-
         from ..training.callbacks import PredictionWriter, TestReport
         stage = getattr(self.trainer.state.fn, "value", self.trainer.state.fn)  # TrainerFn -> 'fit'
-        wanted = {"test": TestReport, "predict": PredictionWriter}
-        if self.hparams.ema_decay:
-            wanted["fit"] = EMAWeightAveraging
-        kind = wanted.get(stage)
+        kind = {"test": TestReport, "predict": PredictionWriter}.get(stage)
+        if kind is None:
+            return super().configure_callbacks()  # EMA weights while fitting, if asked for
         # one the trainer already has (configured in a recipe) wins over ours
-        if kind is None or any(isinstance(c, kind) for c in self.trainer.callbacks):
-            return []
-        return [EMAWeightAveraging(decay=self.hparams.ema_decay) if kind is EMAWeightAveraging else kind()]
-
-    def _nonfinite(self, loss: torch.Tensor, batch_idx: int) -> None:
-        step, optimizers = self.global_step, self.trainer.optimizers
-        lrs = sorted({g["lr"] for g in optimizers[0].param_groups}) if optimizers else [self.hparams.lr]
-        lr = f"{lrs[0]:.3g}" if len(lrs) == 1 else f"{lrs[0]:.3g}..{lrs[-1]:.3g}"
-        where = f"at step {step} (epoch {self.current_epoch}, batch {batch_idx}), learning rate {lr}"
-        if self.hparams.nonfinite_loss == "error":
-            raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) {where}. Lower model.lr, raise "
-                                     f"model.warmup_epochs, use precision 32-true or bf16-mixed, or set "
-                                     f"model.nonfinite_loss: skip to skip such batches")
-        self.nonfinite_skipped += 1
-        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True, on_epoch=False)
-        if self.nonfinite_skipped == 1:
-            import warnings
-            warnings.warn(f"skipping a batch with a non-finite loss {where}; further ones are counted in "
-                          f"train/nonfinite_skipped", stacklevel=2)
-        return None  # Lightning skips backward and the optimizer step for this batch
+        return [] if any(isinstance(c, kind) for c in self.trainer.callbacks) else [kind()]
 
     def checkpoint_backbone(self):
         return self.model
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self.nonfinite_skipped = int(checkpoint.get("nonfinite_skipped", 0))
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite (the message names the step and learning rate)."""
 
 
 def _mixup(hparams: Any):
@@ -274,8 +206,9 @@ def _check_training_args(**values: Any) -> None:
         "lr": (PositiveFloat, values["lr"]), "weight_decay": (NonNegativeFloat, values["weight_decay"]),
         "warmup_epochs": (NonNegativeFloat, values["warmup_epochs"]),
         "min_lr_ratio": (Fraction, values["min_lr_ratio"]), "label_smoothing": (Fraction, values["label_smoothing"])})
-    if values["nonfinite_loss"] not in ("error", "skip"):
-        problems.append(f"model.nonfinite_loss: expected 'error' or 'skip', got {values['nonfinite_loss']!r}")
+    # ema_decay is checked with the fine-tuning settings
+    problems += training_feature_problems(schedule=values["schedule"], ema_decay=None,
+                                          nonfinite_loss=values["nonfinite_loss"])
     if problems:
         raise ValueError("invalid training configuration:\n  " + "\n  ".join(problems))
 

@@ -8,6 +8,9 @@ the paper's point is that a plain ViT's last map is enough.
 
     image (B, 3, H, W) -> ViT -> (B, D, H/p, W/p) -> p2 (p/4) · p3 (p/2) · p4 (p) · p5 (2p) [· pool (4p)]
 
+RetinaNet and FCOS read levels 3 to 7 instead: scale factors (2, 1, 0.5) and torchvision's ``LastLevelP6P7`` on
+top (two stride-2 3x3 convolutions), as ViTDet's RetinaNet does.
+
 The pyramid is a torchvision detection backbone (``out_channels`` and an ``OrderedDict`` of named maps) and
 describes itself with a ``PyramidSpec`` (names, strides, channels, padding needs) that necks and heads read,
 so no stride or channel count is repeated in a config.
@@ -23,10 +26,12 @@ import torch
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import nn
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from ..models.vision import VisionTransformer
 
 EXTRA_LEVEL = "pool"  # torchvision's name for the extra max-pooled level (LastLevelMaxPool): proposals only
+TOP_BLOCKS = ("pool", "p6p7", None)
 
 
 @dataclass(frozen=True)
@@ -84,8 +89,10 @@ class SimpleFeaturePyramid(nn.Module):
         vit: the backbone, usually ``Backbone.build(num_classes=0)``; its head is not used.
         out_channels: channels of every output map.
         scale_factors: each map's size relative to the ViT's token map (4 = stride patch/4); powers of two only.
-        extra_pool: add torchvision's extra ``"pool"`` level (a stride-2 subsampling of the coarsest map) for
-            the region proposals.
+        top_block: extra coarser levels from the coarsest map, torchvision's extra FPN blocks: ``"pool"``
+            (``LastLevelMaxPool``: one stride-2 subsampling, named ``"pool"``, for Faster R-CNN's region
+            proposals), ``"p6p7"`` (``LastLevelP6P7``: two stride-2 3x3 convolutions, for RetinaNet / FCOS) or
+            None.
         norm: apply the ViT's final LayerNorm to the token map first.
 
     Example:
@@ -98,7 +105,8 @@ class SimpleFeaturePyramid(nn.Module):
     """
 
     def __init__(self, vit: VisionTransformer, out_channels: int = 256,
-                 scale_factors: Sequence[float] = (4.0, 2.0, 1.0, 0.5), extra_pool: bool = True, norm: bool = True):
+                 scale_factors: Sequence[float] = (4.0, 2.0, 1.0, 0.5), top_block: str | None = "pool",
+                 norm: bool = True):
         super().__init__()
         scale_factors = tuple(float(s) for s in scale_factors)
         problems = []
@@ -109,26 +117,35 @@ class SimpleFeaturePyramid(nn.Module):
         elif list(scale_factors) != sorted(set(scale_factors), reverse=True):
             problems.append(f"scale_factors: expected distinct values, largest (finest map) first, "
                             f"got {list(scale_factors)}")
+        if top_block not in TOP_BLOCKS:
+            problems.append(f"top_block: expected one of {', '.join(map(repr, TOP_BLOCKS))}, got {top_block!r}")
         if problems:
             raise ValueError("invalid feature pyramid:\n  " + "\n  ".join(problems))
         self.vit = vit
         self.out_channels = out_channels
         self.norm = norm
-        self.extra_pool = extra_pool
         patch, dim = vit.patch_size, vit.embed_dim
         strides = [_exact(patch / s) for s in scale_factors]
         names = [f"p{round(math.log2(s))}" for s in strides]
         self.stages = nn.ModuleDict({name: nn.Sequential(*_STAGES[s](dim), *_projection(_width(dim, s), out_channels))
                                      for name, s in zip(names, scale_factors)})
-        if extra_pool:
-            names.append(EXTRA_LEVEL)
+        extra = []
+        if top_block == "pool":
+            extra = [EXTRA_LEVEL]
             strides.append(_exact(strides[-1] * 2))
+        elif top_block == "p6p7":
+            strides += [_exact(strides[-1] * 2), _exact(strides[-1] * 4)]
+            extra = [f"p{round(math.log2(s))}" for s in strides[-2:]]
+        names += extra
+        # torchvision's own extra blocks; their names are replaced by ours (p6/p7 are only right for patch 16)
+        self.top_block = (LastLevelMaxPool() if top_block == "pool" else
+                          LastLevelP6P7(out_channels, out_channels) if top_block == "p6p7" else None)
         coarsest = max(strides)
         self.spec = PyramidSpec(names=tuple(names), strides=tuple(strides), channels=out_channels, patch_size=patch,
                                 num_prefix_tokens=vit.num_prefix_tokens,
                                 # a multiple of the patch too, so padding never splits a patch
                                 size_divisibility=math.lcm(int(math.ceil(coarsest)), patch),
-                                extra_levels=(EXTRA_LEVEL,) if extra_pool else ())
+                                extra_levels=tuple(extra))
 
     @property
     def patch_size(self) -> int:
@@ -139,22 +156,25 @@ class SimpleFeaturePyramid(nn.Module):
         images = pad_to_multiple(images, self.patch_size)
         # the last block's patch tokens as a map, prefix tokens dropped: (B, D, H/p, W/p)
         (tokens,) = self.vit.forward_intermediates(images, indices=1, norm=self.norm, intermediates_only=True)
-        features = OrderedDict((name, stage(tokens)) for name, stage in self.stages.items())
-        if self.extra_pool:  # torchvision's LastLevelMaxPool
-            features[EXTRA_LEVEL] = F.max_pool2d(next(reversed(features.values())), kernel_size=1, stride=2)
-        return features
+        maps = [stage(tokens) for stage in self.stages.values()]
+        if self.top_block is not None:
+            maps, _ = self.top_block(maps, maps, [])
+        return OrderedDict(zip(self.spec.names, maps))
 
     # ---- optimiser helpers (the same contracts as VisionTransformer's) ----------------------------
     def no_weight_decay(self) -> set[str]:
         """The ViT's no-decay names (position embeddings, tokens, norms, biases) and the pyramid's norms/biases."""
         names = {f"vit.{n}" for n in self.vit.no_weight_decay()}
-        return names | {f"stages.{n}" for n in norm_and_bias_names(self.stages)}
+        for part in ("stages", "top_block"):
+            if getattr(self, part) is not None:
+                names |= {f"{part}.{n}" for n in norm_and_bias_names(getattr(self, part))}
+        return names
 
     def layer_ids(self, coarse: bool = False) -> dict[str, int]:
         """Depth of every parameter for layer-wise LR decay: the ViT's, and the pyramid after the ViT's last."""
         ids = {f"vit.{n}": i for n, i in self.vit.layer_ids(coarse).items()}
         top = max(ids.values(), default=0) + 1
-        return {**ids, **{f"stages.{n}": top for n, _ in self.stages.named_parameters()}}
+        return {**ids, **{n: top for n, _ in self.named_parameters() if not n.startswith("vit.")}}
 
 
 def pad_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:
