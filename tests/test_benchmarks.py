@@ -147,3 +147,15 @@ def test_detection_tiny_mode_compares_vit_global_windowed_and_resnet50_fpn(capsy
     # in torchvision's table counts them frozen, as buffers)
     assert resnet["params"] == 41_808_406
     assert "| 64 | resnet50-fpn |" in out and ("peak RSS growth" in out or "max_memory_allocated" in out)
+
+
+@pytest.mark.slow
+def test_small_data_detection_runs_the_detection_recipe_on_a_coco_folder(capsys, tmp_path):
+    small_data = _load("small_data")
+    rows = small_data.main(["--task", "detection", "--tiny", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "recipe: configs/detection/small_data.yaml" in out
+    assert "| budget (min) | epochs | wall (min) | best val/map_50 | test mAP@50 |" in out
+    (row,) = rows
+    assert row["test_images"] == 8  # the COCO folder's own test split (8 scenes), not val doubling as test
+    assert row["epochs"] >= 1 and 0.0 <= row["best_val"] <= 1.0 and 0.0 <= row["test"] <= 1.0
