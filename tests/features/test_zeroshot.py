@@ -1,6 +1,8 @@
 """Zero-shot classification: ``zeroshot_classifier`` equals open_clip's ``build_zero_shot_classifier`` for the same
 model, names and templates; ``vit zeroshot`` on a labelled folder reports the accuracy a hand computation (open_clip's
-own model, its own classifier, the same preprocessing) gives."""
+own model, its own classifier, the same preprocessing) gives. Search by text: ``vit embed --pool proj`` writes image
+features in the joint space, ``vit search --text`` ranks them as open_clip's own text features do, and a query model
+other than the index's is refused."""
 from __future__ import annotations
 
 import csv
@@ -28,19 +30,22 @@ VISION = dict(layers=1, width=32, head_width=16, patch_size=8, image_size=32)
 CLASSES = ["cat", "dog", "bird"]
 
 
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
+def _clip_dir(root, seed=0):
     """A random open_clip CLIP (std 0.1 keeps the 49408-token embedding's features spread out) as an open_clip
     repository directory, and the reference itself."""
-    torch.manual_seed(0)
     reference = randomize_(CLIP(embed_dim=16, vision_cfg=CLIPVisionCfg(**VISION), text_cfg=CLIPTextCfg(**TEXT)),
-                           std=0.1).eval()
-    root = tmp_path_factory.mktemp("clip")
+                           seed=seed, std=0.1).eval()
+    root.mkdir(parents=True, exist_ok=True)
     config = {"model_cfg": {"embed_dim": 16, "vision_cfg": VISION, "text_cfg": TEXT},
               "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}}
     (root / "open_clip_config.json").write_text(json.dumps(config))
     save_file(reference.state_dict(), root / "open_clip_model.safetensors")
     return root, reference
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return _clip_dir(tmp_path_factory.mktemp("clip") / "model")
 
 
 @pytest.mark.parametrize("templates", [SIMPLE, OPENAI_IMAGENET[:7], [lambda c: f"itap of a {c}.", lambda c: f"a {c} photo"]],
@@ -141,3 +146,54 @@ def test_a_model_without_tokenizer_says_how_to_get_one(clip_dir):
     model.tokenizer = None
     with pytest.raises(RuntimeError, match="has no tokenizer"):
         zeroshot_classifier(model, ["cat", "dog"], "simple")
+
+
+# ---- search by text ------------------------------------------------------------------------------------------------
+def test_search_by_text_in_the_joint_space(clip_dir, tmp_path, capsys):
+    from vit.commands.search import main as search
+    from vit.features import Features, extract_features
+    root, reference = clip_dir
+    folder = write_image_folder(tmp_path / "images", classes=CLASSES, per_class=3, size=40, splits=("",))
+    index = tmp_path / "feats.safetensors"
+    assert main(["embed", str(folder), "--checkpoint", str(root), "--pool", "proj", "--out", str(index),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    feats = Features.load(index)
+    transform = eval_transform(32, [0.5] * 3, [0.5] * 3)
+    images = torch.stack([transform(image=load_image(p, 3))["image"] for p in feats.paths])
+    with torch.no_grad():  # the joint space: open_clip's own image embedding
+        assert (feats.features - reference.encode_image(images)).abs().max() <= 1e-4
+        query = reference.encode_text(SimpleTokenizer(context_length=16)(["a photo of a red car"]))
+    expected = torch.nn.functional.cosine_similarity(query, feats.features).topk(4).indices.tolist()
+    assert search(["--text", "a photo of a red car", "--index", str(index), "--k", "4",
+                   "--out", str(tmp_path / "grid.png")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[2] for line in lines[:4]] == [feats.paths[i] for i in expected]
+    assert (tmp_path / "grid.png").stat().st_size > 1000
+    # image queries still work on the same index, with the query image itself first
+    assert search([feats.paths[5], "--index", str(index), "--k", "1", "--out", str(tmp_path / "g2.png")]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith(feats.paths[5])
+
+    # another model's query is refused, naming both; a cls index cannot take text
+    other, _ = _clip_dir(tmp_path / "other", seed=1)
+    for argv in (["--text", "a cat"], [feats.paths[0]]):
+        assert search([*argv, "--index", str(index), "--checkpoint", str(other)]) == 2
+        err = capsys.readouterr().err
+        assert f"made by {root}" in err and str(other) in err and "not comparable" in err
+    extract_features(str(root), str(folder), out=tmp_path / "cls.safetensors",
+                     accelerator="cpu")
+    assert search(["--text", "a cat", "--index", str(tmp_path / "cls.safetensors")]) == 2
+    assert "--pool cls image features, outside the joint image-text space" in capsys.readouterr().err
+    assert search(["--index", str(index)]) == 2
+    assert "give a query image or --text" in capsys.readouterr().err
+
+
+def test_pool_proj_needs_a_text_tower(tmp_path):
+    from vit.features import extract_features
+    folder = write_image_folder(tmp_path / "images", classes=["a"], per_class=1, size=32, splits=("",))
+    model = vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=4)
+    with pytest.raises(ValueError, match="--pool proj: the joint image-text space needs a CLIP / SigLIP checkpoint"):
+        extract_features(model, str(folder), pool="proj", accelerator="cpu")
+    vit.save_pretrained(model, tmp_path / "vit")
+    with pytest.raises(vit.CheckpointError, match="no text tower found"):
+        extract_features(str(tmp_path / "vit"), str(folder), pool="proj", accelerator="cpu")

@@ -206,7 +206,8 @@ def load_image_text(source: str | os.PathLike | Mapping[str, torch.Tensor], *, v
     except (KeyError, IndexError, RuntimeError) as error:
         raise CheckpointError(f"{name}: malformed checkpoint ({type(error).__name__}: {error})") from error
     model.tokenizer = _tokenizer(tokenizer, fmt, raw, files, text_model.context_length, name)
-    model.pretrained_cfg = {**visual.pretrained_cfg, "text_format": fmt}
+    visual.pretrained_cfg["text_format"] = fmt  # marks the tower as one half of a joint image-text space
+    model.pretrained_cfg = visual.pretrained_cfg
     return model
 
 
