@@ -93,6 +93,27 @@ def test_open_clip_directory_needs_no_hints(tmp_path):
     _assert_open_clip_parity(model, again.eval())
 
 
+def test_open_clip_siglip_style_custom_text_tower(tmp_path):
+    """open_clip's SigLIP layout: CustomTextCLIP (text keys under ``text.``), bidirectional, last-token pooling, a
+    projection with a bias, and a logit_bias."""
+    from open_clip.model import CustomTextCLIP
+    text_cfg = {**OC_TEXT, "no_causal_mask": True, "pool_type": "last", "proj_bias": True}
+    torch.manual_seed(0)
+    reference = randomize_(CustomTextCLIP(embed_dim=16, vision_cfg=CLIPVisionCfg(**OC_VISION),
+                                          text_cfg=CLIPTextCfg(**text_cfg), init_logit_bias=-10.0), std=0.3).eval()
+    assert any(k.startswith("text.") for k in reference.state_dict())
+    config = {"model_cfg": {"embed_dim": 16, "vision_cfg": OC_VISION, "text_cfg": text_cfg}}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    torch.save(reference.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    model = vit.load_image_text(tmp_path)
+    assert (model.text.config.causal, model.text.config.pool, model.text.config.proj_bias) == (False, "last", True)
+    _assert_open_clip_parity(model, reference)
+    ids, images = _ids(50, 8), _images()
+    with torch.no_grad():
+        image_features, text_features, scale, bias = reference(images, ids)
+        _close(model.logits(images, ids)[0], scale * image_features @ text_features.T + bias, "logits with bias")
+
+
 # ---- transformers --------------------------------------------------------------------------------------------------
 def _hf(kind, **text):
     torch.manual_seed(0)

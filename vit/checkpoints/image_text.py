@@ -85,8 +85,7 @@ def _text_hints(fmt: str, raw: RawCheckpoint, quick_gelu: bool | None) -> dict[s
             raise CheckpointError(f"{raw.name}: the text tower is a Hugging Face model ({text['hf_model_name']}), "
                                   f"not a CLIP text transformer; it is not supported")
         hints = {"norm_eps": openclip.NORM_EPS, "causal": not text.get("no_causal_mask", False),
-                 "pool": {"argmax": "argmax", "last": "last", "first": "first", "eos": "eos"}.get(
-                     text.get("pool_type", "argmax"), text.get("pool_type"))}
+                 "pool": text.get("pool_type", "argmax")}  # open_clip's names are ours; others fail in TextConfig
         if text.get("pool_type") == "eos":
             hints["eos_token_id"] = text.get("eos_id", 2)
         if text.get("width") and text.get("heads"):
@@ -182,7 +181,7 @@ def load_image_text(source: str | os.PathLike | Mapping[str, torch.Tensor], *, v
         hints = {**_text_hints(fmt, raw, quick_gelu), **(text or {})}
         text_sd = _text_state_dict(fmt, raw.state_dict)
         fields = text_towers.infer_text_config(text_sd, hints, name)
-        if not any(k in hints for k in ("num_heads",)):
+        if hints.get("num_heads") is None:
             log.warning("%s: the text tower does not record its attention heads; assuming %d (width / 64, OpenAI's "
                         "rule). Pass text={'num_heads': N} if that is wrong.", name, fields["num_heads"])
         text_model = TextTransformer(TextConfig.from_dict(fields))
