@@ -29,6 +29,7 @@ from .hf_common import act_layer, hidden_act
 from .tokenizer import TOKENIZER_FILES, OpenCLIPTokenizer, find_tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
+OPENAI_VOCAB_SIZE = 49408  # OpenAI CLIP: 256 bytes x 2 (with and without </w>), 48894 merges, start and end
 
 # what each text format keeps of the whole state dict for the image tower
 _TEXT_SIDE = {"hf_clip": ("text_model.", "text_projection.", "logit_scale"),
@@ -117,9 +118,9 @@ def _logits(fmt: str, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch
 
 
 def _tokenizer(tokenizer: Any, fmt: str, raw: RawCheckpoint, files: dict[str, Path], context_length: int,
-               name: str):
+               vocab_size: int, name: str):
     """The caller's tokenizer (callable or path), else the checkpoint's files, else open_clip's bundled vocabulary
-    for OpenAI / OpenCLIP weights; None for a big_vision .npz without files (logged)."""
+    for CLIP weights with OpenAI's vocabulary size; else None (logged: a big_vision .npz has no tokenizer files)."""
     if callable(tokenizer):
         return tokenizer
     if tokenizer is not None:
@@ -135,10 +136,14 @@ def _tokenizer(tokenizer: Any, fmt: str, raw: RawCheckpoint, files: dict[str, Pa
         found = find_tokenizer(hub_files, context_length)
         if found is not None:
             return found
-    if fmt == "openclip":
+    if fmt in ("openclip", "hf_clip") and vocab_size == OPENAI_VOCAB_SIZE:
+        # OpenAI's vocabulary, as open_clip ships it; padding differs from HF's (0, not the end token), which the
+        # causal mask keeps from the pooled end token
+        log.info("%s: no tokenizer files with the weights; using the BPE vocabulary inside open_clip", name)
         return OpenCLIPTokenizer(context_length)
-    log.warning("%s: no tokenizer files with the weights; pass tokenizer='path/to/spiece.model' (or a directory "
-                "or a callable) to load_image_text, or set model.tokenizer", name)
+    log.warning("%s: no tokenizer files with the weights; pass tokenizer= (a tokenizer.json / spiece.model file or "
+                "directory, 'openclip' for OpenAI's vocabulary, or a callable) to load_image_text, or set "
+                "model.tokenizer", name)
     return None
 
 
@@ -204,7 +209,7 @@ def load_image_text(source: str | os.PathLike | Mapping[str, torch.Tensor], *, v
         raise CheckpointError(f"{name}: {error}") from error
     except (KeyError, IndexError, RuntimeError) as error:
         raise CheckpointError(f"{name}: malformed checkpoint ({type(error).__name__}: {error})") from error
-    model.tokenizer = _tokenizer(tokenizer, fmt, raw, files, text_model.context_length, name)
+    model.tokenizer = _tokenizer(tokenizer, fmt, raw, files, text_model.context_length, text_model.vocab_size, name)
     visual.pretrained_cfg["text_format"] = fmt  # marks the tower as one half of a joint image-text space
     model.pretrained_cfg = visual.pretrained_cfg
     return model

@@ -104,6 +104,17 @@ class ImageTextModel(nn.Module):
 
 def image_text_config(model: ImageTextModel) -> dict[str, Any]:
     """The whole architecture as plain data: ``{"vision": ViTConfig dict, "text": TextConfig dict, "logit_bias":
-    bool}`` (what a saved image-text checkpoint records)."""
+    bool}``: what a Lightning module's hyper-parameters or a saved image-text checkpoint record to rebuild the model
+    with ``ImageTextModel(ViTConfig.from_dict(d["vision"]), TextConfig.from_dict(d["text"]), ...)``.
+
+    Example:
+        >>> m = ImageTextModel(ViTConfig(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=0,
+        ...                              class_token=False, global_pool="map"),
+        ...                    TextConfig(context_length=8, vocab_size=50, embed_dim=32, depth=1, num_heads=2,
+        ...                               proj_dim=32, causal=False, pool="last"), init_logit_bias=-10.0)
+        >>> d = image_text_config(m)
+        >>> d["text"]["pool"], d["vision"]["global_pool"], d["logit_bias"]
+        ('last', 'map', True)
+    """
     return {"vision": model.visual.config.to_dict(training=False), "text": model.text.config.to_dict(),
             "logit_bias": model.logit_bias is not None}

@@ -158,6 +158,9 @@ class TextTransformer(nn.Module):
         if token_ids.ndim != 2 or token_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"TextTransformer expects integer token ids of shape (B, L), got "
                              f"{tuple(token_ids.shape)} {token_ids.dtype}")
+        if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= self.vocab_size):
+            raise ValueError(f"TextTransformer: token ids must lie in [0, {self.vocab_size}), got "
+                             f"{int(token_ids.min())}..{int(token_ids.max())}: a tokenizer of another vocabulary?")
         if token_ids.shape[1] > self.context_length:
             raise ValueError(f"TextTransformer: {token_ids.shape[1]} tokens per text, but the context holds "
                              f"{self.context_length}; tokenize with context_length={self.context_length}")
