@@ -99,7 +99,8 @@ def test_open_clip_siglip_style_custom_text_tower(tmp_path):
     """open_clip's SigLIP layout: CustomTextCLIP (text keys under ``text.``), bidirectional, last-token pooling, a
     projection with a bias, and a logit_bias."""
     from open_clip.model import CustomTextCLIP
-    text_cfg = {**OC_TEXT, "no_causal_mask": True, "pool_type": "last", "proj_bias": True}
+    text_cfg = {**OC_TEXT, "no_causal_mask": True, "pool_type": "last", "proj_bias": True,
+                "norm_kwargs": {"eps": 1e-6}, "act_kwargs": {"approximate": "tanh"}}  # as SigLIP 2's configs
     torch.manual_seed(0)
     reference = randomize_(CustomTextCLIP(embed_dim=16, vision_cfg=CLIPVisionCfg(**OC_VISION),
                                           text_cfg=CLIPTextCfg(**text_cfg), init_logit_bias=-10.0), std=0.3).eval()
@@ -108,7 +109,9 @@ def test_open_clip_siglip_style_custom_text_tower(tmp_path):
     (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
     torch.save(reference.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
     model = vit.load_image_text(tmp_path)
-    assert (model.text.config.causal, model.text.config.pool, model.text.config.proj_bias) == (False, "last", True)
+    text = model.text.config
+    assert (text.causal, text.pool, text.proj_bias, text.norm_eps, text.act_layer) == (False, "last", True, 1e-6,
+                                                                                        "gelu_tanh")
     _assert_open_clip_parity(model, reference)
     ids, images = _ids(50, 8), _images()
     with torch.no_grad():

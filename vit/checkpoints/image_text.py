@@ -95,8 +95,18 @@ def _text_hints(fmt: str, raw: RawCheckpoint, quick_gelu: bool | None) -> dict[s
             hints["num_heads"] = text["width"] // 64
         if text.get("ls_init_value") is not None:
             hints["init_values"] = text["ls_init_value"]
+        if text.get("embed_cls"):
+            raise CheckpointError(f"{raw.name}: a text tower with an appended class token (CoCa) is not supported")
+        if (text.get("norm_kwargs") or {}).get("eps") is not None:  # OpenCLIP's SigLIP configs: 1e-6
+            hints["norm_eps"] = text["norm_kwargs"]["eps"]
         jit = all(k in raw.state_dict for k in openclip.OPENAI_JIT_KEYS)
         hints["act_layer"] = "quick_gelu" if model_cfg.get("quick_gelu") or jit else "gelu"
+        act_kwargs = text.get("act_kwargs") or {}
+        if act_kwargs and (act_kwargs != {"approximate": "tanh"} or hints["act_layer"] != "gelu"):
+            raise CheckpointError(f"{raw.name}: text_cfg.act_kwargs={act_kwargs} has no counterpart here "
+                                  f"(only GELU's approximate='tanh' does)")
+        if act_kwargs:  # SigLIP 2: nn.GELU(approximate="tanh")
+            hints["act_layer"] = "gelu_tanh"
     if quick_gelu is not None:
         hints["act_layer"] = "quick_gelu" if quick_gelu else ("gelu" if hints["act_layer"] == "quick_gelu"
                                                               else hints["act_layer"])
