@@ -11,18 +11,24 @@ Layers (imports flow down only; ``tests/test_imports.py`` keeps it so):
 """
 from .checkpoints import CheckpointError, export_state_dict, load_pretrained, save_pretrained
 from .checkpoints.factory import create_model
+from .checkpoints.image_text import export_image_text, load_image_text, save_image_text
 from .models.config import ViTConfig
+from .models.image_text import ImageTextModel
+from .models.text import TextConfig, TextTransformer
 from .models.registry import list_models
 from .models.vision import VisionTransformer
 
 __all__ = ["VisionTransformer", "ViTConfig", "create_model", "list_models", "load_pretrained", "save_pretrained",
            "export_state_dict", "CheckpointError", "ImageClassifier", "ImageDataModule", "Backbone", "create_runner",
            "ObjectDetector", "DetectionDataModule"]
+__all__ += ["load_image_text", "export_image_text", "save_image_text", "ImageTextModel", "TextTransformer",
+            "TextConfig", "zeroshot_classifier"]
 
 # Lightning- and runtime-side names load on first use, so `import vit` for the model alone stays light.
 _LAZY = {"ImageClassifier": "vit.tasks.classification", "Backbone": "vit.tasks.backbone",
          "ImageDataModule": "vit.data", "create_runner": "vit.deploy.runners",
          "ObjectDetector": "vit.tasks.detection", "DetectionDataModule": "vit.data.detection"}
+_LAZY.update({"zeroshot_classifier": "vit.features.zeroshot"})
 
 
 def __getattr__(name: str):

@@ -27,9 +27,11 @@ from . import deit3, dinov2, hf, hf_clip, hf_dinov2, hf_siglip, npz, openclip, t
 from ._arch import _grid, architecture_of, infer_architecture
 from ._common import CheckpointError
 from ._read import RawCheckpoint, read
+from .image_text import export_image_text, image_text_hf_config, load_image_text, save_image_text
 
 __all__ = ["CheckpointError", "load_pretrained", "save_pretrained", "export_state_dict", "detect_format",
-           "architecture_of", "SIGNATURES"]
+           "architecture_of", "SIGNATURES", "load_image_text", "export_image_text", "save_image_text",
+           "image_text_hf_config"]
 
 log = logging.getLogger(__name__)
 

@@ -52,10 +52,10 @@ def read(source: Any) -> RawCheckpoint:
         return RawCheckpoint(_unwrap(source, "<state dict>")[0], "<state dict>", "memory")
     if isinstance(source, str) and source.startswith(("hf-hub:", "timm:")):
         directory, name = resolve_hub(source)
-        return _read_directory(directory, name)
+        return read_directory(directory, name)
     path = Path(source)
     if path.is_dir():
-        return _read_directory({p.name: p for p in path.iterdir() if p.is_file()}, str(path))
+        return read_directory({p.name: p for p in path.iterdir() if p.is_file()}, str(path))
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file or directory")
     return _read_file(path)
@@ -73,7 +73,8 @@ def _read_json(path: Path | None) -> dict[str, Any] | None:
     return data
 
 
-def _read_directory(files: Mapping[str, Path], name: str) -> RawCheckpoint:
+def read_directory(files: Mapping[str, Path], name: str) -> RawCheckpoint:
+    """A checkpoint from a directory's files (file name -> path): the weights, config.json, preprocessor config."""
     weights = next((files[f] for f in WEIGHT_FILES if f in files), None)
     if weights is None:
         candidates = sorted(f for f in files if f.endswith((".safetensors", ".bin", ".pth", ".pt", ".npz")))
@@ -250,8 +251,9 @@ def hub_repo(name: str) -> tuple[str, str | None]:
     return repo, revision or None
 
 
-def resolve_hub(name: str) -> tuple[dict[str, Path], str]:
-    """Download (or find in the local cache) the weights and config files of a hub name.
+def resolve_hub(name: str, extra: tuple[str, ...] = (), weights: bool = True) -> tuple[dict[str, Path], str]:
+    """Download (or find in the local cache) the weights and config files of a hub name, and the ``extra`` files
+    the repository has (tokenizer files); ``weights=False`` fetches only the config and extra files.
 
     Example:
         >>> files, _ = resolve_hub("hf-hub:timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k")  # doctest: +SKIP
@@ -276,12 +278,12 @@ def resolve_hub(name: str) -> tuple[dict[str, Path], str]:
             raise CheckpointError(f"{name}: could not fetch {filename} from the Hugging Face hub: {error}") from error
 
     files: dict[str, Path] = {}
-    for filename in WEIGHT_FILES:
+    for filename in WEIGHT_FILES if weights else ():
         found = fetch(filename)
         if found is not None:
             files[filename] = found
             break
-    if not files:
+    if not files and weights:
         where = cache_dir or "the default Hugging Face cache (~/.cache/huggingface/hub)"
         reason = "HF_HUB_OFFLINE is set" if offline else "there is no network access or the repository lacks it"
         raise CheckpointError(
@@ -289,7 +291,7 @@ def resolve_hub(name: str) -> tuple[dict[str, Path], str]:
             f"and no copy is cached in {where}. Download it where there is internet "
             f"(`hf download {repo}`) and copy the cache, or pass a local path instead: "
             f"vit.load_pretrained('path/to/model.safetensors' or 'path/to/directory').")
-    for filename in (*CONFIG_FILES, "preprocessor_config.json"):
+    for filename in (*CONFIG_FILES, "preprocessor_config.json", *extra):
         found = fetch(filename)
         if found is not None:
             files[filename] = found

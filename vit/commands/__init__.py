@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "visualize": ("visualize", "where the model looks: attention overlaid on an image"),
     "shards": ("shards", "an image folder as litdata shards, for data.dataset: streaming"),
 }
+COMMANDS["zeroshot"] = ("zeroshot", "classify images by class names alone, with a CLIP / SigLIP checkpoint")
 
 
 def usage() -> str:

@@ -1,6 +1,6 @@
 """Embeddings of a folder, a list or a single image, written with their paths (and labels) to one file.
 
-    vit embed IMAGES... --checkpoint SRC --out feats.safetensors [--pool cls|avg|map|tokens]
+    vit embed IMAGES... --checkpoint SRC --out feats.safetensors [--pool cls|avg|map|tokens|proj]
                         [--img-size N] [--batch-size B] [--devices N]
 
 SRC is anything ``vit.load_pretrained`` reads, a registered name (its pretrained weights) or ``random:SRC``.
@@ -39,7 +39,9 @@ def add_extraction_arguments(parser: argparse.ArgumentParser, pools=POOLS) -> No
     parser.add_argument("--pool", default="cls", choices=pools,
                         help="cls: class token (the model's own pooling without one); avg: mean of the patch tokens; "
                              "map: attention pool" + ("; tokens: every patch token (N, T, D)" if "tokens" in pools
-                                                      else "") + " (default cls)")
+                                                      else "")
+                             + ("; proj: a CLIP / SigLIP image embedding, in the space its text tower shares (for "
+                                "vit search --text)" if "proj" in pools else "") + " (default cls)")
     parser.add_argument("--img-size", type=int, default=None,
                         help="input size (position embeddings resampled); default: the backbone's own")
     parser.add_argument("--mean", type=float, nargs="+", default=None, help="normalisation mean; default: the "

@@ -6,8 +6,9 @@ compare backbones.
     linear_probe(train_x, train_y)     -> LinearProbe (logistic regression, C tuned on the train split)
     nearest(index, queries, k)         -> scores, rows
     probe_backbone(source, train, val) -> ProbeResult (cached features, both evaluations, speed, size)
+    zeroshot_classifier(model, names, templates) -> (D, C) (class names -> text-embedding classifier)
 
-Entry points: ``vit embed``, ``vit probe``, ``vit search``.
+Entry points: ``vit embed``, ``vit probe``, ``vit search``, ``vit zeroshot``.
 """
 from .backbone import load_backbone, pool_tokens
 from .compare import ProbeResult, probe_backbone
@@ -16,6 +17,8 @@ from .features import Features
 from .knn import knn_classify
 from .linear import LinearProbe, linear_probe
 from .search import nearest
+from .zeroshot import classify_images, zeroshot_classifier, zeroshot_probabilities
 
 __all__ = ["Features", "LinearProbe", "ProbeResult", "extract_features", "knn_classify", "linear_probe",
-           "load_backbone", "nearest", "pool_tokens", "probe_backbone"]
+           "load_backbone", "nearest", "pool_tokens", "probe_backbone", "zeroshot_classifier", "zeroshot_probabilities",
+           "classify_images"]

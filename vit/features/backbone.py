@@ -21,11 +21,14 @@ def is_registered(name: str) -> bool:
     return not Path(name).expanduser().exists() and name.partition(".")[0] in list_models()
 
 
-def load_backbone(source: str | os.PathLike, img_size: int | Sequence[int] | None = None) -> VisionTransformer:
+def load_backbone(source: str | os.PathLike, img_size: int | Sequence[int] | None = None,
+                  image_text: bool = False) -> VisionTransformer:
     """A backbone in eval mode from anything ``vit.load_pretrained`` reads, a registered name (its pretrained
     weights, as ``vit.create_model(name, pretrained=True)``) or ``random:SRC`` (SRC's architecture and
     preprocessing with seeded random weights: the baseline a backbone has to beat). ``img_size`` resamples the
-    position embeddings to another input size; by default the backbone's own size is kept.
+    position embeddings to another input size; by default the backbone's own size is kept. ``image_text=True``: the
+    image tower of a whole CLIP / SigLIP model (``vit.load_image_text``; a source without a text tower is refused),
+    whose output is the joint image-text space.
 
     Example:
         >>> load_backbone("random:vit_tiny_patch16_224", img_size=32).img_size
@@ -33,6 +36,9 @@ def load_backbone(source: str | os.PathLike, img_size: int | Sequence[int] | Non
     """
     source = str(source)
     adapt = {"img_size": img_size} if img_size is not None else {}
+    if image_text:
+        from ..checkpoints.image_text import load_image_text
+        return at_image_size(load_image_text(source).visual.eval(), img_size)
     if source.startswith(RANDOM):
         inner = source[len(RANDOM):]
         if is_registered(inner):
@@ -60,6 +66,22 @@ def at_image_size(model: VisionTransformer, img_size: int | Sequence[int] | None
     resized = load_pretrained(model.state_dict(), model=model, img_size=size)
     resized.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), "img_size": list(size)}
     return resized.to(model.pos_embed.device).eval()
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of every weight: two models with one fingerprint give the same features (wherever they live).
+
+    Example:
+        >>> m = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+        >>> len(fingerprint(m)), fingerprint(m) == fingerprint(m)
+        (16, True)
+    """
+    import hashlib
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def source_identity(source: str) -> dict[str, Any]:
@@ -101,6 +123,9 @@ def check_pool(model: VisionTransformer, pool: str) -> None:
     """``ValueError`` naming the option when ``pool`` is unknown or the model cannot do it."""
     if pool not in POOLS:
         raise ValueError(f"--pool: expected one of {', '.join(POOLS)}, got {pool!r}")
+    if pool == "proj" and (getattr(model, "pretrained_cfg", None) or {}).get("text_format") is None:
+        raise ValueError("--pool proj: the joint image-text space needs a CLIP / SigLIP checkpoint with its text tower "
+                         "(loaded with vit.load_image_text)")
     if pool == "map" and model.attn_pool is None:
         raise ValueError(f"--pool map: the backbone has no attention pool (its global_pool is "
                          f"{model.global_pool!r}); use cls or avg")
@@ -118,6 +143,8 @@ def pool_tokens(model: VisionTransformer, tokens: torch.Tensor, pool: str) -> to
         >>> [tuple(pool_tokens(m, tokens, p).shape) for p in ("cls", "avg", "tokens")]
         [(1, 32), (1, 32), (1, 16, 32)]
     """
+    if pool == "proj":  # the tower's own pooling and head: CLIP's projection, SigLIP's attention pool
+        return model.forward_head(tokens)
     patches = tokens[:, model.num_prefix_tokens:]
     if pool == "tokens":
         return patches

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.folder import check_images, find_classes, list_images, scan_image_folder
 from ..data.images import IMAGE_EXTENSIONS, BadImageError, check_image, load_image
 from ..models.vision import VisionTransformer
-from .backbone import at_image_size, check_pool, load_backbone, pool_tokens, preprocessing
+from .backbone import at_image_size, check_pool, fingerprint, load_backbone, pool_tokens, preprocessing
 from .features import Features, merge
 
 ON_BAD_IMAGE = ("skip", "error")
@@ -243,8 +243,9 @@ def extract_features(backbone: VisionTransformer | str, images, *, pool: str = "
     ``images``: a folder (``folder/<class>/...`` gives labels), an image, a ``.txt`` list, or a list of these or of
     ``(path, label)`` pairs. Images are resized, cropped and normalised the backbone's way (its ``img_size``, mean,
     std, ``crop_pct``) unless ``img_size``/``mean``/``std``/``crop_pct`` say otherwise (a new ``img_size``
-    resamples the position embeddings). ``pool``: ``cls``, ``avg``, ``map`` (B, D) or ``tokens`` (B, N, D); see
-    ``pool_tokens``. Unreadable images are skipped and listed in ``result.skipped`` (``on_bad_image="error"``:
+    resamples the position embeddings). ``pool``: ``cls``, ``avg``, ``map`` (B, D), ``tokens`` (B, N, D) or ``proj``
+    (a CLIP / SigLIP image tower's output: the joint image-text space ``vit search --text`` queries); see
+    ``pool_tokens``. ``meta["fingerprint"]`` identifies the weights, so queries from another model are refused. Unreadable images are skipped and listed in ``result.skipped`` (``on_bad_image="error"``:
     raise). ``out`` also writes the result (see ``vit.features.features``); ``trainer_options`` go to
     ``lightning.Trainer`` (``accelerator``, ``devices``, ``strategy``, ``precision``; several devices need ``out``).
 
@@ -261,8 +262,8 @@ def extract_features(backbone: VisionTransformer | str, images, *, pool: str = "
         ((2, 32), [0, 1], ['cat', 'dog'])
     """
     from ..data.transforms import eval_transform
-    model = load_backbone(backbone, img_size) if not isinstance(backbone, VisionTransformer) else \
-        at_image_size(backbone, img_size)
+    model = load_backbone(backbone, img_size, image_text=pool == "proj") \
+        if not isinstance(backbone, VisionTransformer) else at_image_size(backbone, img_size)
     check_pool(model, pool)
     if batch_size < 1 or num_workers < 0:
         raise ValueError(f"--batch-size must be positive and --num-workers >= 0, got {batch_size}, {num_workers}")
@@ -283,7 +284,7 @@ def extract_features(backbone: VisionTransformer | str, images, *, pool: str = "
         source = (getattr(model, "pretrained_cfg", None) or {}).get("source")
     else:  # a local path is recorded absolute, so vit search finds the backbone from anywhere
         source = str(Path(backbone).expanduser().resolve()) if Path(backbone).expanduser().exists() else str(backbone)
-    meta = {"source": source, "pool": pool, **prep}
+    meta = {"source": source, "pool": pool, **prep, "fingerprint": fingerprint(model)}
     writer = FeatureWriter(paths, labels if labelled else None, class_names, meta, out, skipped)
     options = {"accelerator": "auto", "devices": 1, **trainer_options}
     with quiet_lightning():

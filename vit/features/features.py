@@ -25,7 +25,7 @@ import torch
 
 FORMAT = "vit-features"
 VERSION = 1
-POOLS = ("cls", "avg", "map", "tokens")
+POOLS = ("cls", "avg", "map", "tokens", "proj")  # proj: the image projection of a CLIP / SigLIP (joint space)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 import os
 from pathlib import Path
 from typing import Sequence
@@ -29,8 +30,9 @@ def nearest(index: torch.Tensor, queries: torch.Tensor, k: int = 8) -> tuple[tor
 
 
 def plot_neighbours(query: str | os.PathLike, paths: Sequence[str], scores: Sequence[float],
-                    out: str | os.PathLike, columns: int = 5) -> Path:
-    """The query image, then each neighbour with its cosine similarity and file name, as a PNG grid."""
+                    out: str | os.PathLike, columns: int = 5, query_text: str | None = None) -> Path:
+    """The query image (or ``query_text``, written in the first panel), then each neighbour with its cosine
+    similarity and file name, as a PNG grid."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend
 
     from ..data.images import BadImageError, load_image
@@ -39,7 +41,11 @@ def plot_neighbours(query: str | os.PathLike, paths: Sequence[str], scores: Sequ
     rows = math.ceil(len(panels) / columns)
     fig = Figure(figsize=(2.2 * columns, 2.5 * rows))
     axes = fig.subplots(rows, columns, squeeze=False).ravel()
-    for ax, (path, title) in zip(axes, panels):
+    for index, (ax, (path, title)) in enumerate(zip(axes, panels)):
+        if index == 0 and query_text is not None:
+            ax.text(0.5, 0.5, textwrap.fill(query_text, 20), ha="center", va="center", fontsize=9, wrap=True)
+            ax.set_title("query", fontsize=8)
+            continue
         try:
             ax.imshow(load_image(path, 3), interpolation="nearest")
         except BadImageError:  # moved or deleted since the index was made: keep its place, say so
@@ -61,16 +67,55 @@ def embed_query(index_meta: dict, query: str, checkpoint: str | None = None):
 
     from ..data import eval_transform, load_image
     from .backbone import check_pool, load_backbone, pool_tokens
-    source = checkpoint or index_meta.get("source")
-    if not source:
-        raise ValueError("the index does not record its backbone; pass --checkpoint")
+    source = _query_source(index_meta, checkpoint)
     if not Path(query).is_file():
         raise FileNotFoundError(f"{query}: no such image file")
-    model = load_backbone(source, index_meta.get("img_size"))
     pool = index_meta.get("pool", "cls")
+    model = load_backbone(source, index_meta.get("img_size"), image_text=pool == "proj")
+    check_same_model(index_meta, model, source)
     check_pool(model, pool)
     transform = eval_transform(model.img_size, index_meta["mean"], index_meta["std"],
                                crop_pct=index_meta.get("crop_pct") or 1.0)
     image = transform(image=load_image(query, model.in_chans))["image"][None]
     with torch.inference_mode():
         return pool_tokens(model, model.forward_features(image), pool).float()
+
+
+def _query_source(index_meta: dict, checkpoint: str | None) -> str:
+    source = checkpoint or index_meta.get("source")
+    if not source:
+        raise ValueError("the index does not record its backbone; pass --checkpoint")
+    return source
+
+
+def check_same_model(index_meta: dict, model, source: str) -> None:
+    """``ValueError`` naming both when the query model's weights are not those that made the index (its recorded
+    ``fingerprint``): features of different models live in different spaces. A moved copy of the same weights passes."""
+    from .backbone import fingerprint
+    recorded = index_meta.get("fingerprint")
+    if recorded is not None and fingerprint(model) != recorded:
+        raise ValueError(f"the index was made by {index_meta.get('source')} (weights {recorded}), but the query model "
+                         f"{source} has other weights ({fingerprint(model)}); their features are not comparable. "
+                         f"Query with the model that made the index, or re-embed with this one.")
+
+
+def embed_text_query(index_meta: dict, text: str, checkpoint: str | None = None):
+    """A sentence's embedding (1, D) by the text tower of the image-text model that made a ``--pool proj`` index."""
+    import torch
+
+    from ..checkpoints.image_text import load_image_text
+    from .backbone import at_image_size
+    if index_meta.get("pool") != "proj":
+        raise ValueError(f"the index holds --pool {index_meta.get('pool')} image features, outside the joint "
+                         f"image-text space; text queries need an index made with vit embed --pool proj by a CLIP / "
+                         f"SigLIP checkpoint")
+    if not text.strip():
+        raise ValueError("--text: expected a sentence, got an empty one")
+    source = _query_source(index_meta, checkpoint)
+    model = load_image_text(source).eval()
+    check_same_model(index_meta, at_image_size(model.visual, index_meta.get("img_size")), source)
+    if model.tokenizer is None:
+        raise ValueError(f"{source}: no tokenizer files come with these weights; put them (spiece.model, "
+                         f"tokenizer.json) beside the weights")
+    with torch.inference_mode():
+        return model.encode_text(model.tokenize([text])).float()

@@ -101,15 +101,22 @@ class Attention(nn.Module):
         mask = ~torch.eye(n, dtype=torch.bool, device=q.device)  # True = may attend
         return q * (self.scale * self.head_dim ** 0.5), mask
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``grid``: the patch grid (windowed attention needs it); ``attn_mask``: (N, N) booleans, True = may
+        attend (the text tower's causal mask)."""
         B, N, C = x.shape
         q, k, v = self._qkv(x)
         dropout = self.attn_drop if self.training else 0.0
         if self.window_size:
+            if attn_mask is not None:
+                raise ValueError("windowed attention takes no attn_mask (it builds its own windows)")
             x = window_attention(q, k, v, _grid(grid, N - self.num_prefix_tokens), self.window_size,
                                  self.num_prefix_tokens, dropout)
         else:
             q, mask = self._locality(q, N)
+            if attn_mask is not None:
+                mask = attn_mask if mask is None else mask & attn_mask
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, heads, N, C/heads) -> (B, N, C)
         return self.proj_drop(self.proj(x))
@@ -275,8 +282,9 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, config.init_values) if config.init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), grid)))
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), grid, attn_mask)))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
