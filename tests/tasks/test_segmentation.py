@@ -1,0 +1,144 @@
+"""Segmentation: heads on forward_intermediates, the Segmenter's loss, metrics and sliding windows, the training CLI
+and `vit predict` with a segmentation checkpoint."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vit import VisionTransformer
+from vit.tasks.backbone import Backbone
+from vit.tasks.heads import DPTHead, LinearHead, SegmentationModel, evenly_spaced_blocks, sliding_window
+from vit.tasks.segmentation import Segmenter, segmentation_scores
+
+RECIPE = Path(__file__).resolve().parents[2] / "configs" / "segmentation" / "shapes.yaml"
+
+
+def _vit(patch: int, depth: int = 2, **fields) -> VisionTransformer:
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=4 * patch, patch_size=patch, embed_dim=32, depth=depth, num_heads=2,
+                             num_classes=0, dynamic_img_size=True, **fields)
+
+
+@pytest.mark.parametrize("head", ["linear", "linear_ms", "dpt"])
+@pytest.mark.parametrize("patch", [8, 14, 16])
+@pytest.mark.parametrize("size", [(32, 32), (29, 45), (57, 31)])
+def test_heads_give_logits_at_the_image_size_for_any_patch_and_odd_sizes(head, patch, size):
+    model = SegmentationModel(_vit(patch, reg_tokens=2), num_classes=3, head=head, channels=16).eval()
+    with torch.no_grad():
+        logits = model(torch.rand(2, 3, *size))
+    assert logits.shape == (2, 3, *size) and torch.isfinite(logits).all()
+
+
+def test_heads_read_the_blocks_they_say_from_forward_intermediates():
+    """linear: the last block's normed patch map; linear_ms: 4 evenly spaced ones (class/register tokens out)."""
+    vit = _vit(8, depth=4, reg_tokens=1).eval()
+    linear = SegmentationModel(vit, 3, "linear").eval()
+    multi = SegmentationModel(vit, 3, "linear_ms").eval()
+    assert linear.blocks == [3] and multi.blocks == [0, 1, 2, 3] and evenly_spaced_blocks(12) == [2, 5, 8, 11]
+    assert isinstance(linear.head, LinearHead) and linear.head.classifier.in_channels == 32
+    assert multi.head.classifier.in_channels == 4 * 32
+    images = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        x = (images - linear.mean) / linear.std
+        tokens = vit.forward_features(x)[:, vit.num_prefix_tokens:]  # forward_features ends with the final norm
+        expected = linear.head([tokens.transpose(1, 2).reshape(1, 32, 4, 4)])
+        got = linear(images)
+    assert torch.allclose(got, F.interpolate(expected, size=(32, 32), mode="bilinear", align_corners=False),
+                          atol=1e-5)
+
+
+def test_dpt_decoder_works_at_four_times_the_patch_grid():
+    head = DPTHead(32, num_maps=4, num_classes=5, channels=16)
+    maps = [torch.rand(1, 32, 3, 5) for _ in range(4)]
+    assert head(maps).shape == (1, 5, 12, 20) and head.sources == [0, 1, 2, 3]
+    assert DPTHead(32, num_maps=2, num_classes=5).sources == [0, 0, 1, 1]
+
+
+def _segmenter(**kwargs) -> Segmenter:
+    torch.manual_seed(0)
+    backbone = Backbone(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    return Segmenter(backbone, **{"num_classes": 3, "head": "linear", **kwargs})
+
+
+def test_ignore_pixels_never_count_in_loss_or_metric():
+    module = _segmenter(class_weights=[1.0, 2.0, 0.5])
+    logits = torch.randn(2, 3, 8, 8)
+    masks = torch.randint(0, 3, (2, 8, 8))
+    masks[:, :3] = 255
+    loss = module.loss(logits, masks)
+    # the same loss whatever the logits are under ignored pixels, and equal to the weighted mean over the others
+    changed = logits.clone()
+    changed[:, :, :3] = torch.randn(2, 3, 3, 8) * 100
+    assert torch.allclose(module.loss(changed, masks), loss)
+    keep = masks != 255
+    per_pixel = F.cross_entropy(logits, masks.clamp(max=2), reduction="none")
+    weights = module.class_weights[masks.clamp(max=2)]
+    assert torch.allclose(loss, (per_pixel * weights)[keep].sum() / weights[keep].sum())
+    # an all-ignore crop gives 0, not NaN, and still backpropagates
+    assert module.loss(logits.requires_grad_(), torch.full((2, 8, 8), 255)).item() == 0.0
+    module.val_confmat.update(changed.argmax(1).flatten(), masks.flatten())
+    assert int(module.val_confmat.compute().sum()) == int(keep.sum())
+
+
+def test_miou_equals_a_hand_confusion_matrix_computation():
+    """A fixed 3-class example: per-class IoU = TP / (TP + FP + FN) from a confusion matrix counted by hand."""
+    target = torch.tensor([[0, 0, 1, 1], [0, 2, 2, 1], [255, 2, 2, 255]])
+    predicted = torch.tensor([[0, 1, 1, 1], [0, 2, 1, 1], [1, 2, 0, 2]])
+    hand = np.zeros((3, 3), int)
+    for t, p in zip(target.flatten().tolist(), predicted.flatten().tolist()):
+        if t != 255:
+            hand[t, p] += 1
+    assert hand.tolist() == [[2, 1, 0], [0, 3, 0], [1, 1, 2]]
+    iou = [hand[k, k] / (hand[k].sum() + hand[:, k].sum() - hand[k, k]) for k in range(3)]  # 2/4, 3/5, 2/4
+    module = _segmenter()
+    logits = F.one_hot(predicted, 3).permute(2, 0, 1)[None].float()
+    module.test_confmat.update(logits.argmax(1).flatten(), target.flatten())
+    matrix = module.test_confmat.compute()
+    assert matrix.tolist() == hand.tolist()
+    scores = segmentation_scores(matrix)
+    assert np.allclose(scores["iou"].numpy(), iou)
+    assert scores["miou"] == pytest.approx(np.mean(iou)) and scores["pixel_acc"] == pytest.approx(7 / 10)
+    values = module.epoch_scores(module.test_confmat, "test", matrix)
+    assert values == {"test/miou": pytest.approx(0.5333333), "test/pixel_acc": pytest.approx(0.7)}
+
+
+def test_sliding_window_equals_whole_image_inference_when_the_window_covers_it():
+    module = _segmenter(window=48, stride=16).eval()
+    images = torch.rand(2, 3, 40, 45)
+    with torch.no_grad():
+        assert torch.equal(module.predict_logits(images), module(images))
+        # smaller windows: every pixel is the mean of the windows covering it
+        windows = sliding_window(module.model, images, 32, 8)
+        left, right = module(images[..., :32, :32]), module(images[..., :32, 8:40])
+    assert windows.shape == (2, 3, 40, 45)
+    assert torch.allclose(windows[..., :8, :8], left[..., :8, :8], atol=1e-5)
+    # columns start at 0, 8, 13 (the last flush with the edge): columns 8-12 of the top rows are in two windows
+    assert torch.allclose(windows[..., :8, 8:13], (left[..., :8, 8:13] + right[..., :8, :5]) / 2, atol=1e-5)
+
+
+def test_frozen_protocol_trains_the_head_only_and_layer_decay_reaches_every_parameter():
+    frozen = Segmenter(Backbone(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, freeze="backbone"),
+                       num_classes=3, head="linear_ms")
+    trainable = {n for n, p in frozen.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("model.head.") for n in trainable)
+    full = Segmenter(Backbone(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, layer_decay=0.5),
+                     num_classes=3, head="dpt", head_channels=16)
+    ids = full.layer_ids()
+    assert set(ids) == {n for n, _ in full.named_parameters()}
+    assert ids["model.head.classifier.3.weight"] == max(ids.values()) > ids["model.vit.blocks.1.attn.qkv.weight"]
+    assert "model.vit.pos_embed" in full.no_weight_decay() and "model.head.classifier.1.weight" in \
+        full.no_weight_decay()
+
+
+def test_segmenter_refuses_bad_settings():
+    with pytest.raises(ValueError, match="model.class_weights: expected 3 non-negative weights"):
+        _segmenter(class_weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="model.ignore_index 1 is one of the classes 0..2"):
+        _segmenter(ignore_index=1)
+    with pytest.raises(ValueError, match="model.head: expected one of linear, linear_ms, dpt"):
+        _segmenter(head="fcn")
