@@ -142,3 +142,73 @@ def test_segmenter_refuses_bad_settings():
         _segmenter(ignore_index=1)
     with pytest.raises(ValueError, match="model.head: expected one of linear, linear_ms, dpt"):
         _segmenter(head="fcn")
+
+
+# flags for a seconds-long run of the shapes recipe with a tiny model
+TINY_RUN = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
+            "--trainer.limit_test_batches", "2", "--trainer.enable_progress_bar", "false", "--data.num_workers", "0",
+            "--data.num_images", "32", "--data.img_size", "32", "--data.batch_size", "4",
+            "--model.backbone.embed_dim", "32", "--model.backbone.depth", "2", "--model.backbone.num_heads", "2",
+            "--model.head_channels", "16"]
+
+
+def test_the_shapes_recipe_builds_through_the_training_cli(tmp_path):
+    """`task: segmentation` picks Segmenter + SegmentationDataModule; classes, crop size and ignore index come from
+    the data; checkpoints follow val/miou."""
+    from vit.data.segmentation import SegmentationDataModule
+    from vit.training.cli import cli
+    app = cli(["--config", str(RECIPE), "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path),
+               "--data.num_workers", "0", "--data.ignore_index", "250"], run=False)
+    assert isinstance(app.model, Segmenter) and isinstance(app.datamodule, SegmentationDataModule)
+    assert app.model.image_size == app.datamodule.img_size == 64 and app.model.ignore_index == 250
+    assert app.model.class_names == app.datamodule.class_names == ["background", "square", "circle", "triangle"]
+    assert app.model.hparams.head == "dpt"
+    monitor = next(c for c in app.trainer.callbacks if type(c).__name__ == "LastCheckpoint").monitor
+    assert monitor == "val/miou"
+
+
+def test_train_py_fits_and_tests_a_segmenter_and_writes_the_iou_report(tmp_path, monkeypatch, capsys):
+    from vit.training.cli import main
+    monkeypatch.chdir(tmp_path)
+    app = main(["--config", str(RECIPE), *TINY_RUN])
+    out = capsys.readouterr().out
+    assert "shapes test mIoU: " in out and "held-out images | wall time:" in out
+    assert any("-miou" in p.name for p in tmp_path.rglob("epoch*.ckpt"))
+    assert 0 <= app.trainer.callback_metrics["test/miou"] <= 1
+    with open(next(tmp_path.rglob("per_class_iou.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["class"] for r in rows] == ["background", "square", "circle", "triangle"]
+    assert sum(int(r["pixels"]) for r in rows) > 0
+    # `train.py test --ckpt_path last` finds the run's last.ckpt and scores exactly those weights
+    last = next(tmp_path.rglob("last.ckpt"))
+    expected = app.trainer.test(app.model, datamodule=app.datamodule, ckpt_path=str(last))[0]["test/miou"]
+    tested = main(["test", "--config", str(RECIPE), *TINY_RUN, "--ckpt_path", "last"])
+    assert float(tested.trainer.callback_metrics["test/miou"]) == pytest.approx(expected, abs=1e-6)
+
+
+def test_vit_predict_writes_an_index_mask_and_an_overlay_for_a_segmentation_checkpoint(tmp_path, monkeypatch,
+                                                                                      capsys):
+    from PIL import Image
+
+    from vit.commands.predict import main as predict_main
+    from vit.data.shapes import make_shape_masks
+    from vit.training.cli import main
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(RECIPE), *TINY_RUN])
+    ckpt = next(tmp_path.rglob("last.ckpt"))
+    images = tmp_path / "images"
+    images.mkdir()
+    sizes = {}
+    for i, (image, _) in enumerate(make_shape_masks(2, size=50, seed=9)):  # not multiples of the patch or window
+        Image.fromarray(image).save(images / f"scene{i}.png")
+        sizes[f"scene{i}"] = image.shape[:2]
+    capsys.readouterr()
+    assert predict_main([str(images), "--checkpoint", str(ckpt), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("scene") == 2 and "wrote 2 masks and overlays" in out
+    for stem, (height, width) in sizes.items():
+        mask = Image.open(tmp_path / "out" / f"{stem}.png")
+        assert mask.mode == "P" and mask.size == (width, height)
+        assert np.asarray(mask).max() < 4  # class indices, the palette only colours them
+        assert Image.open(tmp_path / "out" / f"{stem}_overlay.png").size == (width, height)
+    assert predict_main([str(tmp_path / "nothing"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "o")]) == 2
