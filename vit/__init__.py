@@ -17,12 +17,14 @@ from .models.vision import VisionTransformer
 
 __all__ = ["VisionTransformer", "ViTConfig", "create_model", "list_models", "load_pretrained", "save_pretrained",
            "export_state_dict", "CheckpointError", "ImageClassifier", "ImageDataModule", "Backbone", "create_runner",
-           "ObjectDetector", "DetectionDataModule"]
+           "ObjectDetector", "DetectionDataModule",
+           "Segmenter", "SegmentationDataModule"]
 
 # Lightning- and runtime-side names load on first use, so `import vit` for the model alone stays light.
 _LAZY = {"ImageClassifier": "vit.tasks.classification", "Backbone": "vit.tasks.backbone",
          "ImageDataModule": "vit.data", "create_runner": "vit.deploy.runners",
-         "ObjectDetector": "vit.tasks.detection", "DetectionDataModule": "vit.data.detection"}
+         "ObjectDetector": "vit.tasks.detection", "DetectionDataModule": "vit.data.detection",
+         "Segmenter": "vit.tasks.segmentation", "SegmentationDataModule": "vit.data.segmentation"}
 
 
 def __getattr__(name: str):

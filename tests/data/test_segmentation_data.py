@@ -116,7 +116,7 @@ def test_ade20k_reduces_the_zero_label_and_a_missing_val_split_is_carved_from_tr
     assert {s.name for s in again.val_set.samples} == names  # seeded
     _, masks = next(iter(dm.val_dataloader()))
     originals = {f"{i:06d}": m for i, (_, m) in enumerate(samples)}
-    first = originals[sorted(names)[0].rsplit("/", 1)[-1].split(".")[0]].astype(int)
+    first = originals[min(names).rsplit("/", 1)[-1].split(".")[0]].astype(int)
     expected = np.where(first == 0, 255, np.where(first == 255, 255, first - 1))
     assert torch.equal(masks[0], torch.as_tensor(expected).long())
 

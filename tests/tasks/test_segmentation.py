@@ -212,3 +212,89 @@ def test_vit_predict_writes_an_index_mask_and_an_overlay_for_a_segmentation_chec
         assert np.asarray(mask).max() < 4  # class indices, the palette only colours them
         assert Image.open(tmp_path / "out" / f"{stem}_overlay.png").size == (width, height)
     assert predict_main([str(tmp_path / "nothing"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "o")]) == 2
+
+
+DDP_SCRIPT = """
+import json, sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from vit.data.segmentation import SegmentationDataModule
+from vit.tasks.backbone import Backbone
+from vit.tasks.segmentation import Segmenter
+
+
+class Record(L.Callback):
+    # runs before the module's own epoch-end hook, while the validation confusion matrix still holds the epoch
+    def on_validation_epoch_end(self, trainer, module):
+        self.pixels = int(module.val_confmat.compute().sum())  # summed over the ranks by torchmetrics
+
+    def on_fit_end(self, trainer, module):
+        data = trainer.datamodule
+        valid = sum(int((data.val_set[i][1] != 255).sum()) for i in range(len(data.val_set)))
+        torch.save({"weights": torch.cat([p.detach().flatten() for p in module.parameters()]),
+                    "step": trainer.global_step, "world": trainer.world_size, "pixels": self.pixels,
+                    "valid_pixels": valid, "miou": float(trainer.callback_metrics["val/miou"]),
+                    "sampler": type(trainer.train_dataloader.sampler).__name__},
+                   Path(sys.argv[1]) / f"rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    L.seed_everything(0, verbose=False)
+    dm = SegmentationDataModule("shapes", img_size=32, num_images=32, val_fraction=0.25, test_fraction=0.125,
+                                batch_size=4)
+    module = Segmenter(Backbone(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2), num_classes=4,
+                       head="dpt", head_channels=8, image_size=32)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, callbacks=[Record()])
+    trainer.fit(module, datamodule=dm)
+"""
+
+
+@pytest.mark.slow  # two processes start torch and Lightning: about half a minute on 2 CPU cores
+def test_ddp_two_cpu_processes_fit_a_segmenter_in_sync_with_metrics_over_both_shares(tmp_path):
+    from conftest import run_script
+    script = tmp_path / "ddp_segmentation.py"
+    script.write_text(DDP_SCRIPT)
+    result = run_script(script, tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / "out" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert all(r["world"] == 2 and r["sampler"] == "EpochSampler" for r in ranks)
+    assert ranks[0]["step"] == ranks[1]["step"] == 3  # 20 training scenes, 10 per rank, batches of 4
+    assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])  # gradients averaged over the ranks
+    # each rank validated half of the 8 held-out scenes; the matrix both logged counts every labelled pixel of all 8
+    assert ranks[0]["pixels"] == ranks[1]["pixels"] == ranks[0]["valid_pixels"]
+    assert ranks[0]["miou"] == ranks[1]["miou"]
+
+
+@pytest.mark.slow  # three short CLI runs in subprocesses: about a minute on 2 shared CPU cores
+def test_sigkill_mid_epoch_then_resume_last_equals_an_uninterrupted_run(tmp_path):
+    from conftest import KILL_AT, SAVE_EVERY_4_STEPS, train_process
+    args = ["fit", "--config", RECIPE, *TINY_RUN, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "6",
+            "--trainer.deterministic", "true", "--trainer.accelerator", "cpu", *SAVE_EVERY_4_STEPS]
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "kill_at.py").write_text(KILL_AT)
+    full = train_process(tmp_path / "a", *args)
+    # killed before step 6 (the last batch of epoch 0); the save point at step 4 is what survives
+    victim = train_process(tmp_path / "b", *args, "--trainer.callbacks+=kill_at.KillAt", "--trainer.callbacks.step=5")
+    assert victim.wait(timeout=300) == -9, victim.communicate()[0][-3000:]
+    (survivor,) = list((tmp_path / "b" / "runs").rglob("last.ckpt"))
+    saved = torch.load(survivor, weights_only=True)
+    assert saved["global_step"] == 4 and saved["SegmentationDataModule"] == {"epoch": 0, "batches_done": 4}
+    resumed = train_process(tmp_path / "b", *args, "--ckpt_path", "last")
+    out_resumed, out_full = resumed.communicate(timeout=300)[0], full.communicate(timeout=300)[0]
+    assert resumed.returncode == 0 and full.returncode == 0, out_resumed[-3000:] + out_full[-3000:]
+    assert "resumed from" in out_resumed and "global step 4" in out_resumed
+
+    def final(folder):
+        last = max((folder / "runs").rglob("last.ckpt"), key=lambda p: p.stat().st_mtime_ns)
+        checkpoint = torch.load(last, weights_only=True)
+        return checkpoint["state_dict"], checkpoint["global_step"]
+
+    (reference, reference_step), (got, step) = final(tmp_path / "a"), final(tmp_path / "b")
+    assert step == reference_step == 12
+    for name in reference:
+        torch.testing.assert_close(got[name], reference[name], rtol=0, atol=1e-6, msg=name)

@@ -61,7 +61,7 @@ def read_mask(path: str | Path) -> np.ndarray:
             mask = np.asarray(img)
     except FileNotFoundError:
         raise BadSampleError(path, "mask file not found") from None
-    except Exception as err:  # Pillow raises many types on garbage
+    except Exception as err:  # noqa: BLE001 - Pillow raises many types on garbage
         raise BadSampleError(path, f"unreadable mask ({bad_image_reason(err)})") from None
     if mask.ndim != 2:
         raise BadSampleError(path, f"mask has {mask.shape[2] if mask.ndim == 3 else mask.ndim} channels (mode "

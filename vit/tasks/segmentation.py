@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 from typing import Literal
 
 import lightning as L
@@ -206,7 +207,7 @@ def write_iou_report(matrix: torch.Tensor, class_names: list[str] | None, path) 
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["class", "iou", "pixels"])
         for name, iou, pixels in zip(names, scores["iou"].tolist(), scores["pixels"].tolist()):
-            writer.writerow([name, "" if iou != iou else f"{iou:.4f}", int(pixels)])
+            writer.writerow([name, "" if math.isnan(iou) else f"{iou:.4f}", int(pixels)])
 
 
 def _check_args(*, num_classes, class_names, head, ignore_index, class_weights, lr, weight_decay, warmup_epochs,
