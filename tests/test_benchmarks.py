@@ -127,3 +127,12 @@ def test_small_data_tiny_mode_trains_under_a_budget_and_draws_the_curve(capsys, 
     assert (tmp_path / "results.csv").read_text().startswith("minutes,")
     pytest.importorskip("matplotlib")
     assert (tmp_path / "accuracy_vs_minutes.png").stat().st_size > 1000
+
+
+def test_segmentation_heads_tiny_mode_trains_each_head_on_frozen_features(capsys):
+    rows = _load("segmentation_heads").main(["--tiny"])
+    out = capsys.readouterr().out
+    assert "| head | test mIoU |" in out and [r["head"] for r in rows] == ["linear", "linear_ms", "dpt"]
+    assert all(0 <= r["miou"] <= 1 and r["ips"] > 0 for r in rows)
+    # frozen: only the head trains, and the linear heads are a BatchNorm and a 1x1 conv (4 classes)
+    assert rows[0]["trainable"] == 2 * 32 + 32 * 4 + 4 and rows[1]["trainable"] == 2 * 64 + 64 * 4 + 4
