@@ -298,3 +298,17 @@ def test_sigkill_mid_epoch_then_resume_last_equals_an_uninterrupted_run(tmp_path
     assert step == reference_step == 12
     for name in reference:
         torch.testing.assert_close(got[name], reference[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_the_folder_recipe_reads_a_mask_folder_and_its_classes(tmp_path):
+    from vit.data.masks import write_mask_folder
+    from vit.data.shapes import make_shape_masks
+    from vit.training.cli import cli
+    write_mask_folder(make_shape_masks(4, size=40, seed=1), ["bg", "square", "circle", "triangle"], tmp_path / "d")
+    app = cli(["--config", str(RECIPE.with_name("folder.yaml")), "--data.root", str(tmp_path / "d"),
+               "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path), "--data.num_workers", "0",
+               "--model.backbone.depth", "1"], run=False)
+    assert app.model.class_names == ["bg", "square", "circle", "triangle"] and app.model.image_size == 256
+    assert app.model.hparams.backbone["layer_decay"] == 0.75 and app.model.hparams.head == "dpt"
+    app.datamodule.setup("fit")
+    assert len(app.datamodule.train_set) == 3 and len(app.datamodule.val_set) == 1  # val carved from train
