@@ -312,3 +312,25 @@ def test_the_folder_recipe_reads_a_mask_folder_and_its_classes(tmp_path):
     assert app.model.hparams.backbone["layer_decay"] == 0.75 and app.model.hparams.head == "dpt"
     app.datamodule.setup("fit")
     assert len(app.datamodule.train_set) == 3 and len(app.datamodule.val_set) == 1  # val carved from train
+
+
+def test_a_run_lists_its_skipped_samples_in_the_run_directory(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from vit.data.masks import write_mask_folder
+    from vit.data.shapes import make_shape_masks
+    from vit.training.cli import main
+    root = write_mask_folder(make_shape_masks(8, size=40, seed=1), ["bg", "square", "circle", "triangle"],
+                             tmp_path / "d")
+    bad = root / "masks" / "train" / "000002.png"
+    size = Image.open(bad).size[::-1]
+    Image.fromarray(np.full(size, 9, np.uint8), mode="L").save(bad)  # a label beyond the 4 classes
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match="skipping"):
+        main(["fit", "--config", str(RECIPE), *TINY_RUN, "--data.dataset", "folder", "--data.root", str(root),
+              "--data.val_fraction", "0.125", "--trainer.limit_train_batches", "null"])
+    (listing,) = list((tmp_path / "runs").rglob("skipped_samples.tsv"))
+    assert listing.parent.name.startswith("version_")  # the run directory, beside config.yaml
+    lines = listing.read_text().splitlines()
+    assert lines and all(line == f"{bad}\tlabel value(s) [9] are neither a class (0..3) nor the ignore index 255"
+                         for line in lines)
