@@ -159,3 +159,27 @@ class KillAt(Callback):
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
 """
+
+# flags that add mid-epoch save points to a run: last.ckpt every 4 optimizer steps (what a SIGKILL test resumes from)
+SAVE_EVERY_4_STEPS = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps=4",
+                      "--trainer.callbacks.save_last=true", "--trainer.callbacks.save_top_k=0"]
+
+
+def train_process(cwd, *args):
+    """``python train.py ARGS`` started in ``cwd`` (one thread; callback files written to ``cwd`` importable),
+    stdout and stderr together; the caller waits with ``communicate``."""
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(cwd)])}
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *map(str, args)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def run_script(script, out, *args):
+    """``python SCRIPT OUT ARGS`` in ``out`` (created), one thread per process, to completion (the DDP tests)."""
+    import subprocess
+    import sys
+    out.mkdir(exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, str(script), str(out), *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=out)

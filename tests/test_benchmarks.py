@@ -159,3 +159,12 @@ def test_small_data_detection_runs_the_detection_recipe_on_a_coco_folder(capsys,
     (row,) = rows
     assert row["test_images"] == 8  # the COCO folder's own test split (8 scenes), not val doubling as test
     assert row["epochs"] >= 1 and 0.0 <= row["best_val"] <= 1.0 and 0.0 <= row["test"] <= 1.0
+
+
+def test_segmentation_heads_tiny_mode_trains_each_head_on_frozen_features(capsys):
+    rows = _load("segmentation_heads").main(["--tiny"])
+    out = capsys.readouterr().out
+    assert "| head | test mIoU |" in out and [r["head"] for r in rows] == ["linear", "linear_ms", "dpt"]
+    assert all(0 <= r["miou"] <= 1 and r["ips"] > 0 for r in rows)
+    # frozen: only the head trains, and the linear heads are a BatchNorm and a 1x1 conv (4 classes)
+    assert rows[0]["trainable"] == 2 * 32 + 32 * 4 + 4 and rows[1]["trainable"] == 2 * 64 + 64 * 4 + 4

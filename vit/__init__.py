@@ -20,14 +20,15 @@ from .models.vision import VisionTransformer
 
 __all__ = ["VisionTransformer", "ViTConfig", "create_model", "list_models", "load_pretrained", "save_pretrained",
            "export_state_dict", "CheckpointError", "ImageClassifier", "ImageDataModule", "Backbone", "create_runner",
-           "ObjectDetector", "DetectionDataModule"]
+           "ObjectDetector", "DetectionDataModule", "Segmenter", "SegmentationDataModule"]
 __all__ += ["load_image_text", "export_image_text", "save_image_text", "ImageTextModel", "TextTransformer",
             "TextConfig", "zeroshot_classifier"]
 
 # Lightning- and runtime-side names load on first use, so `import vit` for the model alone stays light.
 _LAZY = {"ImageClassifier": "vit.tasks.classification", "Backbone": "vit.tasks.backbone",
          "ImageDataModule": "vit.data", "create_runner": "vit.deploy.runners",
-         "ObjectDetector": "vit.tasks.detection", "DetectionDataModule": "vit.data.detection"}
+         "ObjectDetector": "vit.tasks.detection", "DetectionDataModule": "vit.data.detection",
+         "Segmenter": "vit.tasks.segmentation", "SegmentationDataModule": "vit.data.segmentation"}
 _LAZY.update({"zeroshot_classifier": "vit.features.zeroshot"})
 
 

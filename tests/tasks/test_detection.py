@@ -454,10 +454,10 @@ def test_an_unknown_task_is_one_clear_error(tmp_path, monkeypatch, capsys):
     from vit.training.cli import main
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as err:
-        main(["fit", "--config", str(RECIPE), "--task", "segmentation"])
+        main(["fit", "--config", str(RECIPE), "--task", "depth"])
     assert err.value.code == 2
     message = capsys.readouterr().err
-    assert "task: expected one of classification, detection, got 'segmentation'" in message
+    assert "task: expected one of classification, detection, " in message and "got 'depth'" in message
     assert "Traceback" not in message
 
 

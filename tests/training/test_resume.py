@@ -11,7 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from conftest import KILL_AT, REPO
+from conftest import KILL_AT, REPO, SAVE_EVERY_4_STEPS, run_script, train_process
 from vit.data import ImageDataModule
 from vit.tasks.backbone import Backbone
 from vit.tasks.classification import ImageClassifier
@@ -103,16 +103,14 @@ def test_resume_restores_ema_weights(tmp_path):
 
 def _cli(cwd, *args):
     # the callbacks module written by the test (KillAt) is importable from cwd
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(cwd)])}
-    cmd = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs" / "digits.yaml"),
-           "--trainer.max_epochs", "4", "--trainer.limit_train_batches", "6", "--trainer.limit_val_batches", "2",
-           "--trainer.enable_progress_bar", "false", "--trainer.deterministic", "true", "--trainer.accelerator",
-           "cpu", "--model.backbone.embed_dim", "32", "--model.backbone.depth", "1", "--model.backbone.num_heads", "2", "--model.backbone.drop_rate",
-           "0.1", "--data.img_size", "16",
-           # save points inside epochs too: last.ckpt every 4 steps (6 per epoch: mid-epoch at steps 4, 8, 16, 20)
-           "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps=4",
-           "--trainer.callbacks.save_last=true", "--trainer.callbacks.save_top_k=0", *args]
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return train_process(cwd, "fit", "--config", REPO / "configs" / "digits.yaml",
+                         "--trainer.max_epochs", "4", "--trainer.limit_train_batches", "6",
+                         "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false",
+                         "--trainer.deterministic", "true", "--trainer.accelerator", "cpu",
+                         "--model.backbone.embed_dim", "32", "--model.backbone.depth", "1",
+                         "--model.backbone.num_heads", "2", "--model.backbone.drop_rate", "0.1", "--data.img_size", "16",
+                         # save points inside epochs too (6 steps per epoch: mid-epoch at steps 4, 8, 16, 20)
+                         *SAVE_EVERY_4_STEPS, *args)
 
 
 def _final_weights(cwd):
@@ -242,13 +240,6 @@ if __name__ == "__main__":
 """
 
 
-def _ddp(script, out, *args):
-    out.mkdir(exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, str(script), str(out), *map(str, args)], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=out)
-
-
 def _ddp_batches(out, rank):
     return [json.loads(line) for line in (out / f"batches{rank}.jsonl").read_text().splitlines()]
 
@@ -259,9 +250,9 @@ def test_ddp_stopped_mid_epoch_then_resumed_equals_uninterrupted_run(tmp_path):
     # SaveOnSignal saves on both ranks' agreement, and the resume must continue each rank's own share of the epoch
     script = tmp_path / "ddp_resume.py"
     script.write_text(DDP_RESUME_SCRIPT)
-    full = _ddp(script, tmp_path / "full", 0)
+    full = run_script(script, tmp_path / "full", 0)
     assert full.returncode == 0, full.stderr[-3000:]
-    stopped = _ddp(script, tmp_path / "b", 2)
+    stopped = run_script(script, tmp_path / "b", 2)
     assert stopped.returncode == 0 and "rank 0 stopped" in stopped.stdout, stopped.stderr[-3000:]
     last = tmp_path / "b" / "ckpt" / "last.ckpt"
     saved = torch.load(last, weights_only=True)
@@ -269,7 +260,7 @@ def test_ddp_stopped_mid_epoch_then_resumed_equals_uninterrupted_run(tmp_path):
     before = [_ddp_batches(tmp_path / "b", rank) for rank in (0, 1)]  # what each rank trained on before the stop
     for rank in (0, 1):
         (tmp_path / "b" / f"batches{rank}.jsonl").unlink()
-    resumed = _ddp(script, tmp_path / "b", 0, last)  # in the same folder, as `--ckpt_path last` would
+    resumed = run_script(script, tmp_path / "b", 0, last)  # in the same folder, as `--ckpt_path last` would
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     reference = [_ddp_batches(tmp_path / "full", rank) for rank in (0, 1)]

@@ -1,14 +1,18 @@
 """``vit predict``: top-k classes for a few images, or boxes for images and folders with a detection checkpoint
-(``predictions.json`` in COCO results style and the images with their boxes drawn)."""
+(``predictions.json`` in COCO results style and the images with their boxes drawn), or with a segmentation
+checkpoint an index mask and an overlay per image."""
 from __future__ import annotations
 
 import argparse
 import sys
 
+import numpy as np
+
 from ..checkpoints import CheckpointError
 from ..deploy.detect import coco_image_ids, image_files, is_detection_checkpoint, load_detector, predict_boxes
 from ..deploy.predict import load_model, predict
 from ..deploy.runners import AUTO_ORDER, BACKENDS, BackendError, VerificationError
+from ..deploy.segment import is_segmentation_checkpoint, load_segmenter, predict_masks
 from ._common import CommandParser, one_line
 
 
@@ -29,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="decoding processes (default: 0 for a single batch, else 1)")
     parser.add_argument("--compile", action="store_true", help="the same as --backend compile")
     parser.add_argument("--out", default="predictions",
-                        help="detection: the folder for predictions.json and the drawn images (default predictions)")
+                        help="detection: the folder for predictions.json and the drawn images; segmentation: for "
+                             "<stem>.png index masks and <stem>_overlay.png (default predictions)")
     parser.add_argument("--score-threshold", type=float, default=0.05,
                         help="detection: the lowest score kept (default 0.05; lower gives mAP tools the full list)")
     parser.add_argument("--annotations", default=None,
@@ -48,6 +53,8 @@ def main(args: list[str] | None = None) -> int:
     options = _parser().parse_args(args)
     if is_detection_checkpoint(options.checkpoint):
         return _predict_boxes(options)
+    if is_segmentation_checkpoint(options.checkpoint):
+        return _predict_masks(options)
     for name in ("topk", "batch_size"):
         if getattr(options, name) < 1:
             print(f"error: --{name.replace('_', '-')}: expected a positive integer, got {getattr(options, name)}",
@@ -88,4 +95,21 @@ def _predict_boxes(options: argparse.Namespace) -> int:
         found = ", ".join(f"{e['category_name']} {e['score']:.2f}" for e in entries[:5])
         print(f"{path}: {len(entries)} boxes" + (f" ({found}{', ...' if len(entries) > 5 else ''})" if found else ""))
     print(f"wrote {written}")
+    return 0
+
+
+def _predict_masks(options: argparse.Namespace) -> int:
+    try:
+        files = image_files(options.images)
+        model = load_segmenter(options.checkpoint)
+        masks = predict_masks(model, files, options.out)
+    except (CheckpointError, ValueError, OSError, KeyError) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
+    names = model.class_names or [str(k) for k in range(int(model.hparams.num_classes))]
+    for path, mask in zip(files, masks):
+        counts = np.bincount(mask.ravel(), minlength=len(names))
+        top = ", ".join(f"{names[k]} {counts[k] / mask.size:.0%}" for k in counts.argsort()[::-1][:3] if counts[k])
+        print(f"{path}: {top}")
+    print(f"wrote {len(masks)} masks and overlays to {options.out}")
     return 0

@@ -1,5 +1,6 @@
 """The synthetic shapes set: seeded scenes of squares, circles and triangles on textured backgrounds, with exact
-boxes, generated in memory (the detection default: no download)."""
+boxes, generated in memory (the detection default: no download). The same scenes come with per-pixel labels for
+segmentation (``make_shape_masks``): 0 is the background, shape class k is k + 1."""
 from __future__ import annotations
 
 import cv2
@@ -8,6 +9,7 @@ import numpy as np
 from .boxes import DetectionRecord
 
 SHAPES_CLASSES = ("square", "circle", "triangle")
+SHAPES_SEGMENTATION_CLASSES = ("background", *SHAPES_CLASSES)
 
 
 def make_shapes(num_images: int, size: int = 64, seed: int = 0, max_objects: int = 4) -> list[DetectionRecord]:
@@ -20,10 +22,28 @@ def make_shapes(num_images: int, size: int = 64, seed: int = 0, max_objects: int
         (dtype('uint8'), 4, True)
     """
     rng = np.random.default_rng(seed)
-    return [_scene(rng, size, max_objects, i) for i in range(num_images)]
+    return [_scene(rng, size, max_objects, i)[0] for i in range(num_images)]
 
 
-def _scene(rng: np.random.Generator, size: int, max_objects: int, index: int) -> DetectionRecord:
+def make_shape_masks(num_images: int, size: int = 64, seed: int = 0,
+                     max_objects: int = 4) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The scenes of ``make_shapes`` (same arguments, same images) as ``(image HWC uint8, mask HW uint8)`` pairs: each
+    mask pixel is 0 (background) or shape class + 1, the index into ``SHAPES_SEGMENTATION_CLASSES``.
+
+    Example:
+        >>> image, mask = make_shape_masks(1, size=48, seed=3)[0]
+        >>> image.shape[:2] == mask.shape, set(np.unique(mask).tolist()) <= {0, 1, 2, 3}
+        (True, True)
+        >>> bool((image == make_shapes(1, size=48, seed=3)[0].image).all())
+        True
+    """
+    rng = np.random.default_rng(seed)
+    scenes = [_scene(rng, size, max_objects, i) for i in range(num_images)]
+    return [(record.image, mask) for record, mask in scenes]
+
+
+def _scene(rng: np.random.Generator, size: int, max_objects: int,
+           index: int) -> tuple[DetectionRecord, np.ndarray]:
     height, width = (int(s) for s in rng.integers(int(size * 0.75), int(size * 1.25) + 1, 2))
     # texture: smooth random blobs plus stripes, dark, so shapes stand out without being trivial
     coarse = rng.integers(0, 90, (4, 4, 3)).astype(np.uint8)
@@ -32,6 +52,7 @@ def _scene(rng: np.random.Generator, size: int, max_objects: int, index: int) ->
     image = np.clip(image.astype(np.int16) + 25 * stripes[..., None] + rng.integers(-10, 11, image.shape), 0, 255)
     image = image.astype(np.uint8)
     taken = np.zeros((height, width), bool)
+    classes = np.zeros((height, width), np.uint8)  # per-pixel labels: 0 background, shape class + 1
     boxes, labels = [], []
     for _ in range(int(rng.integers(0, max_objects + 1))):
         for _try in range(20):
@@ -56,8 +77,10 @@ def _scene(rng: np.random.Generator, size: int, max_objects: int, index: int) ->
                 continue  # never overlapping (nor touching): every box is exactly its shape's pixels
             image[mask] = rng.integers(140, 256, 3).astype(np.uint8)
             taken |= mask
+            classes[mask] = label + 1
             boxes.append(box)
             labels.append(label)
             break
-    return DetectionRecord(image, np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int64),
-                           image_id=index, name=f"shapes[{index}]")
+    record = DetectionRecord(image, np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int64),
+                             image_id=index, name=f"shapes[{index}]")
+    return record, classes

@@ -22,15 +22,25 @@ def is_detection_checkpoint(path: str | Path) -> bool:
         >>> is_detection_checkpoint("my_vit/")  # a directory: save_pretrained's, never a detector's .ckpt
         False
     """
+    return "detector" in checkpoint_hparams(path)
+
+
+def checkpoint_hparams(path: str | Path) -> dict:
+    """The hyper-parameters of a Lightning ``.ckpt`` (which say the task it trained), or ``{}`` for anything else.
+
+    Example:
+        >>> checkpoint_hparams("my_vit/")
+        {}
+    """
     path = Path(path)
     if not path.is_file() or path.suffix != ".ckpt":
-        return False
+        return {}
     try:  # memory-mapped: the hyper-parameters are read, the tensors are not
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - not ours to judge here: the classification loader reports it properly
-        return False
+        return {}
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    return isinstance(hparams, dict) and "detector" in hparams
+    return hparams if isinstance(hparams, dict) else {}
 
 
 def image_files(inputs: Sequence[str | Path]) -> list[Path]:

@@ -3,4 +3,5 @@ description (architecture + overrides + pretrained source + freezing + layer dec
 
     classification.py   ImageClassifier
     detection.py        ObjectDetector (Faster R-CNN from torchvision) on pyramid.py, ViTDet's simple feature pyramid
+    segmentation.py     Segmenter on heads.py: linear, multi-scale linear and DPT heads, sliding-window inference
 """

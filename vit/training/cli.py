@@ -318,6 +318,8 @@ def _clean_error(err: Exception) -> str | None:
                 f"({refused}). Load only checkpoints you trust; ours hold tensors and plain values only")
     if "Caught BadImageError in DataLoader worker" in text:  # re-raised by torch with the worker's traceback
         return [line for line in text.splitlines() if "bad image" in line][-1].split("BadImageError: ")[-1]
+    if "Caught BadSampleError in DataLoader worker" in text:  # a segmentation sample, as above
+        return [line for line in text.splitlines() if "bad sample" in line][-1].split("BadSampleError: ")[-1]
     if isinstance(err, known) or (VitCLI.phase != "run" and isinstance(err, (ValueError, TypeError,
                                                                            FileNotFoundError,
                                                                            MisconfigurationException))):
@@ -348,6 +350,9 @@ def run_default(extra: list[str]) -> VitCLI:
     if app.task_name == "detection":
         score = (f"test mAP@50: {metrics.get('test/map_50', float('nan')):.4f}, "
                  f"mAP: {metrics.get('test/map', float('nan')):.4f}")
+    elif app.task_name == "segmentation":
+        score = (f"test mIoU: {metrics.get('test/miou', float('nan')):.4f}, "
+                 f"pixel accuracy: {metrics.get('test/pixel_acc', float('nan')):.4f}")
     else:
         score = f"test accuracy: {metrics.get('test/acc', float('nan')):.4f}"
     if app.trainer.is_global_zero:

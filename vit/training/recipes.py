@@ -45,6 +45,12 @@ TASKS = {
                        ("data.class_names", "model.class_names", "instantiate"),
                        ("data.img_size", "model.image_size", "parse")),
                       "val/map", "epoch{epoch:03d}-map{val/map:.4f}"),
+    "segmentation": Task("vit.tasks.segmentation.Segmenter", "vit.data.segmentation.SegmentationDataModule",
+                         (("data.num_classes", "model.num_classes", "instantiate"),
+                          ("data.class_names", "model.class_names", "instantiate"),
+                          ("data.img_size", "model.image_size", "parse"),
+                          ("data.ignore_index", "model.ignore_index", "parse")),
+                         "val/miou", "epoch{epoch:03d}-miou{val/miou:.4f}"),
 }
 
 
