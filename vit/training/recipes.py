@@ -45,6 +45,10 @@ TASKS = {
                        ("data.class_names", "model.class_names", "instantiate"),
                        ("data.img_size", "model.image_size", "parse")),
                       "val/map", "epoch{epoch:03d}-map{val/map:.4f}"),
+    "image_text": Task("vit.tasks.image_text.ImageTextModule", "vit.data.image_text.ImageTextDataModule",
+                       (("data.img_size", "model.backbone.img_size", "parse"),
+                        ("data.in_chans", "model.backbone.in_chans", "parse")),
+                       "val/acc", "epoch{epoch:03d}-acc{val/acc:.4f}"),
 }
 
 
