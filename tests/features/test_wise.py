@@ -96,7 +96,7 @@ def test_wise_alpha_0_and_1_reproduce_the_endpoints_logits_exactly(image_text_ck
 
 
 def test_vit_wise_writes_the_ensemble_and_the_sweep(image_text_ckpt, tmp_path, capsys):
-    from tests.tasks.test_image_text import write_digit_folder
+    from tests.tasks.test_contrastive import write_digit_folder
     from vit.commands.wise import main as wise
     L.seed_everything(0)
     classifier = ImageClassifier(Backbone(pretrained=str(image_text_ckpt), img_size=16), num_classes=10,

@@ -70,7 +70,7 @@ DDP_SCRIPT = textwrap.dedent("""
     import torch, torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
     sys.path.insert(0, sys.argv[2])
-    from tests.tasks.test_image_text import global_batch, tiny_module
+    from tests.tasks.test_contrastive import global_batch, tiny_module
 
     class Step(torch.nn.Module):  # what Lightning's DDP wrapper does: forward runs the module's loss
         def __init__(self, module):
