@@ -226,6 +226,15 @@ def test_module_trains_saves_and_loads_back_through_load_image_text(tmp_path):
     again = ImageTextModule.load_from_checkpoint(tmp_path / "it.ckpt")
     assert again.hparams.pretrained_model is None and again.hparams.architecture["tokenizer"] == "openclip"
 
+    # fine-tuning starts from the whole trained model (its own tokenizer and temperature) ...
+    tuned = ImageTextModule(Backbone(img_size=16), pretrained_model=str(tmp_path / "it.ckpt"), loss="siglip")
+    assert torch.equal(tuned.model.logit_bias, module.model.logit_bias)
+    assert torch.equal(tuned.model.text.pos_embed, module.model.text.pos_embed)
+    assert tuned.model.tokenizer("a one").tolist() == module.model.tokenizer("a one").tolist()
+    # ... at its own image size
+    with pytest.raises(ValueError, match="takes img_size 16, but the recipe asks for 32"):
+        ImageTextModule(Backbone(img_size=32), pretrained_model=str(tmp_path / "it.ckpt"))
+
 
 def test_module_checks_its_arguments():
     with pytest.raises(ValueError, match="model.loss: expected one of clip, siglip"):
@@ -276,3 +285,49 @@ def test_digits_chain_train_then_zeroshot_with_other_templates_far_above_chance(
     accuracy = float(capsys.readouterr().out.split("accuracy ")[1].split()[0])
     print(f"zero-shot accuracy with unseen templates after 8 epochs: {accuracy:.4f}")
     assert accuracy > 0.35, accuracy  # chance: 0.10
+
+
+LIGHTNING_DDP_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    import lightning as L, torch
+    sys.path.insert(0, sys.argv[2])
+    from tests.tasks.test_contrastive import tiny_module
+    from vit.data.image_text import ImageTextDataModule
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            module.losses = getattr(module, "losses", []) + [float(outputs["loss"])]
+
+        def on_fit_end(self, trainer, module):
+            rank = trainer.global_rank
+            weights = torch.cat([p.detach().flatten() for p in module.parameters()])
+            torch.save(weights, os.path.join(sys.argv[1], f"weights{rank}.pt"))
+            with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
+                json.dump({"world": trainer.world_size, "step": trainer.global_step, "losses": module.losses,
+                           "val_acc": float(trainer.callback_metrics["val/acc"])}, f)
+
+    if __name__ == "__main__":
+        L.seed_everything(0)
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=3,
+                            limit_val_batches=2,
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=[Record()])
+        trainer.fit(tiny_module("siglip", lr=1e-3), datamodule=ImageTextDataModule("digits", img_size=16,
+                                                                                 batch_size=8))
+""")
+
+
+@pytest.mark.slow  # a 2-process Lightning fit on CPU: about 20 s on 2 shared cores
+def test_lightning_ddp_fit_trains_one_model_and_scores_the_whole_validation_split(tmp_path):
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(LIGHTNING_DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(REPO)], env=env, capture_output=True,
+                          text=True, timeout=400, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world"] == 2 and r["step"] == 3 for r in ranks)
+    assert ranks[0]["losses"] != ranks[1]["losses"]  # each process scored its own rows...
+    weights = [torch.load(tmp_path / f"weights{r}.pt", weights_only=True) for r in (0, 1)]
+    assert torch.equal(weights[0], weights[1])  # ...and the averaged gradients kept one model
+    assert ranks[0]["val_acc"] == ranks[1]["val_acc"]  # both scored the gathered split

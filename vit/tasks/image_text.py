@@ -151,6 +151,11 @@ class ImageTextModule(TaskCheckpoints, L.LightningModule):
         if pretrained:
             model = load_image_text(pretrained, text=self.text.overrides() or None,
                                     tokenizer=self.text.tokenizer)
+            for key in ("img_size", "in_chans"):  # the CLI links them from the data
+                wanted, have = getattr(self.backbone, key), getattr(model.visual.config, key)
+                if wanted is not None and wanted != have:
+                    raise ValueError(f"model.pretrained_model {pretrained} takes {key} {have}, but the recipe asks "
+                                     f"for {wanted} (set data.{key}: {have})")
             if siglip and model.logit_bias is None:
                 model.logit_bias = torch.nn.Parameter(torch.tensor(float(bias)))
             return model
