@@ -29,6 +29,8 @@ _LAZY = {"ImageClassifier": "vit.tasks.classification", "Backbone": "vit.tasks.b
          "ImageDataModule": "vit.data", "create_runner": "vit.deploy.runners",
          "ObjectDetector": "vit.tasks.detection", "DetectionDataModule": "vit.data.detection"}
 _LAZY.update({"zeroshot_classifier": "vit.features.zeroshot"})
+__all__ += ["ImageTextModule", "ImageTextDataModule"]
+_LAZY.update({"ImageTextModule": "vit.tasks.image_text", "ImageTextDataModule": "vit.data.image_text"})
 
 
 def __getattr__(name: str):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from collections.abc import Mapping
 from typing import Any, Literal, Optional
@@ -33,10 +34,17 @@ _TextTower = dataclasses.make_dataclass("_TextTower", [
       for name in _TEXT_FIELDS]], frozen=True)
 
 
+def _text_field_docs() -> str:
+    """``TextConfig``'s ``Args:`` entries for the fields a text tower overrides (all but ``proj_dim``)."""
+    args = (TextConfig.__doc__ or "").split("Args:")[1].split("Example:")[0]
+    entries = re.split(r"\n(?=        \w+:)", args.strip("\n"))
+    return "\n".join(e.rstrip() for e in entries if e.strip().split(":")[0] in _TEXT_FIELDS)
+
+
 @dataclasses.dataclass(frozen=True)
 class TextTower(_TextTower):
-    """The text tower an image-text task builds (``model.text`` in a recipe), beside ``model.backbone`` for the
-    image tower: a tokenizer, whether it trains, and overrides of any ``TextConfig`` field but ``proj_dim`` (the
+    __doc__ = """The text tower an image-text task builds (``model.text`` in a recipe), beside ``model.backbone`` for
+    the image tower: a tokenizer, whether it trains, and overrides of any ``TextConfig`` field but ``proj_dim`` (the
     joint width is ``model.joint_dim``). ``None`` = ``TextConfig``'s default, or a pretrained model's own.
 
     Args:
@@ -44,8 +52,7 @@ class TextTower(_TextTower):
             inside open_clip_torch, 49,408 ids; a ``tokenizer.json``, ``vocab.json`` or ``spiece.model`` file or
             their folder); None = a pretrained model's own, else ``"openclip"``.
         freeze: keep the text tower's weights fixed (train the image side only).
-        context_length, vocab_size, embed_dim, depth, num_heads, mlp_ratio, qkv_bias, act_layer, norm_eps, causal,
-            pool, eos_token_id, proj_bias, init_values: ``TextConfig`` fields (see ``vit.models.text.TextConfig``).
+""" + _text_field_docs() + """
 
     Example:
         >>> TextTower(embed_dim=64, depth=2).config(joint_dim=32).proj_dim
