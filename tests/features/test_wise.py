@@ -70,9 +70,10 @@ def test_zeroshot_head_init_needs_an_image_text_source_and_one_prompt_per_class(
     with pytest.raises(ValueError, match="one prompt per class.*gives 3 for 10 classes"):
         ImageClassifier(Backbone(pretrained=str(image_text_ckpt)), num_classes=10, head_init="zeroshot",
                         class_prompts=["a", "b", "c"])
-    with pytest.raises(ValueError, match="img_size 16, but the recipe asks for 32"):
-        ImageClassifier(Backbone(pretrained=str(image_text_ckpt), img_size=32), num_classes=10, head_init="zeroshot",
-                        class_prompts=DIGIT_WORDS)
+    with pytest.raises(ValueError, match=r"the recipe asks for img_size 32 \(it has 16; data.img_size sets it\), "
+                                         r"depth 4 \(it has 2\); remove these model.backbone keys"):
+        ImageClassifier(Backbone(pretrained=str(image_text_ckpt), img_size=32, depth=4), num_classes=10,
+                        head_init="zeroshot", class_prompts=DIGIT_WORDS)
 
 
 def test_wise_alpha_0_and_1_reproduce_the_endpoints_logits_exactly(image_text_ckpt, tmp_path):

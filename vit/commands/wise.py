@@ -6,7 +6,7 @@ classifier fine-tuned from it (``model.head_init: zeroshot``).
 
 SRC is the CLIP / SigLIP model the fine-tune started from; its zero-shot head is rebuilt from the class prompts and
 templates CKPT records (``--classes`` / ``--templates`` override them). DIR receives the ensemble at ``--alpha`` as a
-``save_pretrained`` folder (``vit predict`` reads it); ``--sweep`` also prints the validation accuracy on VAL_FOLDER
+``save_pretrained`` folder (``vit predict`` reads it); ``--sweep`` also prints the accuracy on VAL_FOLDER
 (class sub-folders) for alpha 0, 0.1, ..., 1 and writes ``wise_sweep.csv`` and ``wise_sweep.png``.
 """
 from __future__ import annotations
@@ -73,9 +73,9 @@ def main(args: list[str] | None = None) -> int:
                 mixed = wise_ft(zeroshot, finetuned, alpha)
                 mixed.pretrained_cfg = cfg
                 accuracies.append(folder_accuracy(mixed, options.images, names))
-                print(f"alpha {alpha:.1f}: val accuracy {accuracies[-1]:.4f}")
+                print(f"alpha {alpha:.1f}: accuracy {accuracies[-1]:.4f}")
             with open(out / "wise_sweep.csv", "w", newline="", encoding="utf-8") as f:
-                csv.writer(f).writerows([["alpha", "val_accuracy"], *zip(alphas, accuracies)])
+                csv.writer(f).writerows([["alpha", "accuracy"], *zip(alphas, accuracies)])
             print(f"wrote {out / 'wise_sweep.csv'}, {plot_sweep(alphas, accuracies, out / 'wise_sweep.png')}")
     except (CheckpointError, ValueError, OSError, ImportError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)

@@ -115,13 +115,13 @@ def folder_accuracy(model: VisionTransformer, images: str | os.PathLike, class_n
 
 
 def plot_sweep(alphas: Sequence[float], accuracies: Sequence[float], path: Path) -> Path:
-    """The WiSE-FT curve: validation accuracy against alpha (0 = zero-shot, 1 = fine-tuned)."""
+    """The WiSE-FT curve: accuracy on a labelled folder against alpha (0 = zero-shot, 1 = fine-tuned)."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend
     figure = Figure(figsize=(4.5, 3.2))
     axes = figure.subplots()
     axes.plot(list(alphas), list(accuracies), marker="o")
     axes.set_xlabel("alpha (0 = zero-shot, 1 = fine-tuned)")
-    axes.set_ylabel("validation accuracy")
+    axes.set_ylabel("accuracy on the folder")
     axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

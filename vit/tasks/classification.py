@@ -254,11 +254,14 @@ def _zeroshot_model(backbone: Backbone, class_prompts: list[str] | None, templat
                          f"class names) gives {None if class_prompts is None else len(class_prompts)} for "
                          f"{num_classes} classes")
     model = zeroshot_head_model(load_image_text(backbone.pretrained), class_prompts, templates)
-    for key in ("img_size", "in_chans"):
-        wanted, have = getattr(backbone, key), getattr(model.config, key)
-        if wanted is not None and wanted != have:
-            raise ValueError(f"model.head_init: zeroshot keeps the image tower as trained: {key} {have}, but the "
-                             f"recipe asks for {wanted} (set data.{key}: {have})")
+    have = model.config.to_dict()
+    wanted = {k: list(v) if isinstance(v, tuple) else v for k, v in backbone.overrides().items()}
+    differ = {k: v for k, v in wanted.items() if v != have[k]}
+    if differ:
+        raise ValueError("model.head_init: zeroshot keeps the image tower as trained, but the recipe asks for "
+                         + ", ".join(f"{k} {v} (it has {have[k]}; data.{k} sets it)" if k in ("img_size", "in_chans")
+                                     else f"{k} {v} (it has {have[k]})" for k, v in differ.items())
+                         + "; remove these model.backbone keys")
     model.set_grad_checkpointing(backbone.grad_checkpointing)
     freeze_layers(model, backbone.freeze)
     return model
