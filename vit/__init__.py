@@ -30,6 +30,8 @@ _LAZY = {"ImageClassifier": "vit.tasks.classification", "Backbone": "vit.tasks.b
          "ObjectDetector": "vit.tasks.detection", "DetectionDataModule": "vit.data.detection",
          "Segmenter": "vit.tasks.segmentation", "SegmentationDataModule": "vit.data.segmentation"}
 _LAZY.update({"zeroshot_classifier": "vit.features.zeroshot"})
+__all__ += ["ImageTextModule", "ImageTextDataModule"]
+_LAZY.update({"ImageTextModule": "vit.tasks.image_text", "ImageTextDataModule": "vit.data.image_text"})
 
 
 def __getattr__(name: str):

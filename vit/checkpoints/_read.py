@@ -183,6 +183,8 @@ def _unwrap(data: Any, name: str) -> tuple[dict[str, torch.Tensor], dict[str, An
             meta.update({k: hparams[k] for k in ("class_names", "mean", "std", "crop_pct")
                          if hparams.get(k) is not None})
             meta.setdefault("hints", {}).update(_hparams_hints(hparams))
+            if isinstance(hparams.get("architecture"), Mapping) and "text" in hparams["architecture"]:
+                meta["image_text"] = dict(hparams["architecture"])  # an ImageTextModule checkpoint's two towers
     if not any(isinstance(v, torch.Tensor) for v in data.values()):
         nested = next((data[k] for k in _NESTED if isinstance(data.get(k), Mapping)), None)
         if nested is None:

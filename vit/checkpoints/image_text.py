@@ -180,6 +180,9 @@ def load_image_text(source: str | os.PathLike | Mapping[str, torch.Tensor], *, v
     """
     from . import _load, detect_format  # the image loader; imported here as it imports this module's package
     raw, files = _read_source(source)
+    if "image_text" in raw.meta:  # a checkpoint of our own ImageTextModule: it records both towers
+        from .trained_image_text import load_trained
+        return load_trained(raw, tokenizer, strict)
     name = raw.name
     fmt = text_towers.text_format(raw.state_dict)
     if fmt is None:

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shards": ("shards", "an image folder as litdata shards, for data.dataset: streaming"),
 }
 COMMANDS["zeroshot"] = ("zeroshot", "classify images by class names alone, with a CLIP / SigLIP checkpoint")
+COMMANDS["wise"] = ("wise", "WiSE-FT: the zero-shot and fine-tuned classifiers' weights interpolated")
 
 
 def usage() -> str:

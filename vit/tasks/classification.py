@@ -49,6 +49,11 @@ class ImageClassifier(TaskCheckpoints, TrainingFeatures, L.LightningModule):
         schedule: "epochs": warm-up + cosine over trainer.max_epochs; "budget": the cosine decays over the time
             trainer.max_time allows (less a reserve for the last validation), whatever the step rate; use it with
             trainer.max_epochs -1.
+        head_init: "random", or "zeroshot": backbone.pretrained is a CLIP / SigLIP model (anything
+            vit.load_image_text reads) and the head starts as its zero-shot classifier (the text embeddings of
+            the classes, scaled by logit_scale; see vit.features.wise), so epoch 0 scores the zero-shot accuracy.
+        class_prompts: head_init zeroshot: the words put in the templates for each class (default: class_names).
+        templates: head_init zeroshot: "openai" (80), "simple", a file of templates or a list, each with one {}.
 
     Example:
         >>> module = ImageClassifier(Backbone(arch="vit_tiny_patch16_224", img_size=32, depth=2), num_classes=10)
@@ -63,7 +68,9 @@ class ImageClassifier(TaskCheckpoints, TrainingFeatures, L.LightningModule):
                  mixup_alpha: NonNegativeFloat = 0.0, cutmix_alpha: NonNegativeFloat = 0.0,
                  mix_prob: ClosedUnitInterval = 1.0, switch_prob: ClosedUnitInterval = 0.5,
                  ema_decay: OpenUnitInterval | None = None,
-                 nonfinite_loss: Literal["error", "skip"] = "error", schedule: Literal["epochs", "budget"] = "epochs"):
+                 nonfinite_loss: Literal["error", "skip"] = "error", schedule: Literal["epochs", "budget"] = "epochs",
+                 head_init: Literal["random", "zeroshot"] = "random", class_prompts: list[str] | None = None,
+                 templates: str | list[str] = "openai"):
         super().__init__()
         (lr, weight_decay, warmup_epochs, min_lr_ratio, label_smoothing, mixup_alpha, cutmix_alpha, mix_prob,
          switch_prob, ema_decay) = plain(lr, weight_decay, warmup_epochs, min_lr_ratio, label_smoothing, mixup_alpha,
@@ -81,7 +88,8 @@ class ImageClassifier(TaskCheckpoints, TrainingFeatures, L.LightningModule):
         self.class_names = list(class_names) if class_names is not None else None
         # Built (and pretrained weights read) here, never in on_fit_start: a resumed .ckpt is restored after
         # __init__ and must win.
-        self.model = self.backbone.build(num_classes)
+        self.model = self.backbone.build(num_classes) if head_init != "zeroshot" else \
+            _zeroshot_model(self.backbone, class_prompts or class_names, templates, num_classes)
         self.mixup = _mixup(self.hparams)
         # Lightning's model summary runs this once through the model, so its FLOPs column counts (not zeros)
         self.example_input_array = torch.zeros(1, self.model.in_chans, *self.model.img_size)
@@ -166,6 +174,36 @@ class ImageClassifier(TaskCheckpoints, TrainingFeatures, L.LightningModule):
 
     def checkpoint_backbone(self):
         return self.model
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if (checkpoint.get("hyper_parameters") or {}).get("head_init") == "zeroshot":
+            checkpoint["hyper_parameters"]["head_init"] = "random"  # the head is in the weights now
+
+
+def _zeroshot_model(backbone: Backbone, class_prompts: list[str] | None, templates, num_classes: int):
+    """The image tower of the image-text model ``backbone.pretrained`` with its zero-shot head for the classes."""
+    from ..checkpoints import load_image_text
+    from ..features.wise import zeroshot_head_model
+    if not backbone.pretrained:
+        raise ValueError("model.head_init: zeroshot needs model.backbone.pretrained: a CLIP / SigLIP model (anything "
+                         "vit.load_image_text reads)")
+    if class_prompts is None or len(class_prompts) != num_classes:
+        raise ValueError(f"model.head_init: zeroshot needs one prompt per class: model.class_prompts (or the data's "
+                         f"class names) gives {None if class_prompts is None else len(class_prompts)} for "
+                         f"{num_classes} classes")
+    model = zeroshot_head_model(load_image_text(backbone.pretrained), class_prompts, templates)
+    have = model.config.to_dict()
+    wanted = {k: list(v) if isinstance(v, tuple) else v for k, v in backbone.overrides().items()}
+    differ = {k: v for k, v in wanted.items() if v != have[k]}
+    if differ:
+        raise ValueError("model.head_init: zeroshot keeps the image tower as trained, but the recipe asks for "
+                         + ", ".join(f"{k} {v} (it has {have[k]}; data.{k} sets it)" if k in ("img_size", "in_chans")
+                                     else f"{k} {v} (it has {have[k]})" for k, v in differ.items())
+                         + "; remove these model.backbone keys")
+    model.set_grad_checkpointing(backbone.grad_checkpointing)
+    freeze_layers(model, backbone.freeze)
+    return model
 
 
 def _mixup(hparams: Any):

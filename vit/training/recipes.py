@@ -51,6 +51,10 @@ TASKS = {
                           ("data.img_size", "model.image_size", "parse"),
                           ("data.ignore_index", "model.ignore_index", "parse")),
                          "val/miou", "epoch{epoch:03d}-miou{val/miou:.4f}"),
+    "image_text": Task("vit.tasks.image_text.ImageTextModule", "vit.data.image_text.ImageTextDataModule",
+                       (("data.img_size", "model.backbone.img_size", "parse"),
+                        ("data.in_chans", "model.backbone.in_chans", "parse")),
+                       "val/acc", "epoch{epoch:03d}-acc{val/acc:.4f}"),
 }
 
 
