@@ -10,7 +10,8 @@ Rows per input size: ``vit-s16 global`` (every block global), ``vit-s16 window``
 ``weights_backbone=None``). Every detector resizes to the same size (``min_size = max_size = size``), has 91 classes
 with the background, and gets the same random images with three random boxes each. Training = forward with
 targets, the summed loss dict, backward, AdamW step; inference = eval-mode forward (NMS included) under
-``torch.inference_mode``. Times are the median of ``--repeats`` timed batches after ``--warmup`` untimed ones.
+``torch.inference_mode``. The ``(ViT only)`` rows time the backbone alone (forward + backward + AdamW step), where
+windowed attention's effect is not diluted by the pyramid and heads. Times are the median of ``--repeats`` timed batches after ``--warmup`` untimed ones.
 
 Peak memory is the growth over the timed steps above what was live before them (weights, and for training the
 optimizer state after the warm-up, excluded), measured as ``benchmarks/throughput.py`` does: on CUDA
@@ -113,6 +114,29 @@ def bench(name: str, size: int, args, device: torch.device) -> dict:
     return row
 
 
+def bench_backbone(name: str, size: int, args, device: torch.device) -> dict:
+    """The ViT alone (``vit-s16`` rows only), forward + backward + AdamW step of its patch tokens' mean: where the
+    attention's share of time and memory shows undiluted by the pyramid and the heads."""
+    torch.manual_seed(0)
+    arch = dict(TINY_ARCH) if args.tiny else dict(arch="vit_small_patch16_224")
+    if name.endswith("window"):
+        arch.update(TINY_WINDOW if args.tiny else WINDOW)
+    model = Backbone(img_size=size, **arch).build(num_classes=0).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(args.batch, 3, size, size, device=device)
+
+    def step() -> None:
+        model.forward_features(x).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # AdamW's state, as in bench()
+    seconds, memory = measure(step, device, max(0, args.warmup - 1), args.repeats)
+    row = {"size": size, "model": f"{name} (ViT only)", "train_ips": args.batch / seconds, "train_mem": memory}
+    del model, optimizer
+    return row
+
+
 def _mb(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 2 ** 20:.0f}"
 
@@ -126,8 +150,11 @@ def print_table(rows: list[dict], args, device: torch.device, file=None) -> None
     print("| size | model | params (M) | train img/s | train peak MB | infer img/s | infer peak MB |", file=file)
     print("|---:|---|---:|---:|---:|---:|---:|", file=file)
     for r in rows:
-        print(f"| {r['size']} | {r['model']} | {r['params'] / 1e6:.1f} | {r['train_ips']:.2f} | "
-              f"{_mb(r['train_mem'])} | {r['infer_ips']:.2f} | {_mb(r['infer_mem'])} |", file=file)
+        if "params" in r:
+            print(f"| {r['size']} | {r['model']} | {r['params'] / 1e6:.1f} | {r['train_ips']:.2f} | "
+                  f"{_mb(r['train_mem'])} | {r['infer_ips']:.2f} | {_mb(r['infer_mem'])} |", file=file)
+        else:  # the ViT alone: training step only
+            print(f"| {r['size']} | {r['model']} | | {r['train_ips']:.2f} | {_mb(r['train_mem'])} | | |", file=file)
 
 
 def parse_args(args=None) -> argparse.Namespace:
@@ -164,7 +191,11 @@ def main(args=None) -> list[dict]:
     if options.threads:
         torch.set_num_threads(options.threads)
     device = torch.device(options.device)
-    rows = [bench(name, size, options, device) for size in options.sizes for name in options.models]
+    rows = []
+    for size in options.sizes:
+        print(f"benchmarking {size} px ...", file=sys.stderr, flush=True)
+        rows += [bench(name, size, options, device) for name in options.models]
+        rows += [bench_backbone(name, size, options, device) for name in options.models if name.startswith("vit")]
     print_table(rows, options, device)
     return rows
 
