@@ -10,7 +10,11 @@ Rows per input size: ``vit-s16 global`` (every block global), ``vit-s16 window``
 ``weights_backbone=None``). Every detector resizes to the same size (``min_size = max_size = size``), has 91 classes
 with the background, and gets the same random images with three random boxes each. Training = forward with
 targets, the summed loss dict, backward, AdamW step; inference = eval-mode forward (NMS included) under
-``torch.inference_mode``. Times are the median of ``--repeats`` timed batches after ``--warmup`` untimed ones.
+``torch.inference_mode``. The ``(ViT only)`` rows time the backbone alone (forward + backward + AdamW step), where
+windowed attention's effect is not diluted by the pyramid and heads; they also report the bytes autograd saves
+for backward in one forward (``saved_for_backward``: each storage once, weights excluded), a figure that other
+processes and the allocator cannot disturb, and the forward FLOPs per image (torch's counter, attention as
+matmuls). Times are the median of ``--repeats`` timed batches after ``--warmup`` untimed ones.
 
 Peak memory is the growth over the timed steps above what was live before them (weights, and for training the
 optimizer state after the warm-up, excluded), measured as ``benchmarks/throughput.py`` does: on CUDA
@@ -113,6 +117,60 @@ def bench(name: str, size: int, args, device: torch.device) -> dict:
     return row
 
 
+def bench_backbone(name: str, size: int, args, device: torch.device) -> dict:
+    """The ViT alone (``vit-s16`` rows only), forward + backward + AdamW step of its patch tokens' mean: where the
+    attention's share of time and memory shows undiluted by the pyramid and the heads."""
+    torch.manual_seed(0)
+    arch = dict(TINY_ARCH) if args.tiny else dict(arch="vit_small_patch16_224")
+    if name.endswith("window"):
+        arch.update(TINY_WINDOW if args.tiny else WINDOW)
+    model = Backbone(img_size=size, **arch).build(num_classes=0).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(args.batch, 3, size, size, device=device)
+
+    def step() -> None:
+        model.forward_features(x).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # AdamW's state, as in bench()
+    seconds, memory = measure(step, device, max(0, args.warmup - 1), args.repeats)
+    row = {"size": size, "model": f"{name} (ViT only)", "train_ips": args.batch / seconds, "train_mem": memory,
+           "saved": saved_for_backward(lambda: model.forward_features(x).mean(), model),
+           "gflops": forward_flops(lambda: model.forward_features(x[:1])) / 1e9}
+    del model, optimizer
+    return row
+
+
+def saved_for_backward(forward, model: torch.nn.Module) -> int:
+    """Bytes of the activations autograd keeps for backward in one ``forward()`` (each storage once, weights left
+    out): what a training step must hold at its peak beyond weights and optimizer state, independent of the
+    allocator and of other processes."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward()
+    return sum(seen.values())
+
+
+def forward_flops(forward) -> int:
+    """FLOPs of one forward (torch's counter; multiply-add = 2) with attention spelt out as matmuls, so the
+    attention's share is counted (the fused kernels are invisible to the counter)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        forward()
+    return counter.get_total_flops()
+
+
 def _mb(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 2 ** 20:.0f}"
 
@@ -123,11 +181,16 @@ def print_table(rows: list[dict], args, device: torch.device, file=None) -> None
     vit = "a tiny ViT (64 wide, 4 blocks, window 2) in place of ViT-S/16" if args.tiny else "ViT-S/16"
     print(f"\ndetection, batch {args.batch}, {where}, median of {args.repeats} after {args.warmup} warm-up; "
           f"memory: {memory} over the step (MB); vit-s16 rows: {vit}", file=file)
-    print("| size | model | params (M) | train img/s | train peak MB | infer img/s | infer peak MB |", file=file)
-    print("|---:|---|---:|---:|---:|---:|---:|", file=file)
+    print("| size | model | params (M) | train img/s | train peak MB | infer img/s | infer peak MB | saved for "
+          "backward MB | GFLOPs / image |", file=file)
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|", file=file)
     for r in rows:
-        print(f"| {r['size']} | {r['model']} | {r['params'] / 1e6:.1f} | {r['train_ips']:.2f} | "
-              f"{_mb(r['train_mem'])} | {r['infer_ips']:.2f} | {_mb(r['infer_mem'])} |", file=file)
+        if "params" in r:
+            print(f"| {r['size']} | {r['model']} | {r['params'] / 1e6:.1f} | {r['train_ips']:.2f} | "
+                  f"{_mb(r['train_mem'])} | {r['infer_ips']:.2f} | {_mb(r['infer_mem'])} | | |", file=file)
+        else:  # the ViT alone: training step only
+            print(f"| {r['size']} | {r['model']} | | {r['train_ips']:.2f} | {_mb(r['train_mem'])} | | | "
+                  f"{_mb(r['saved'])} | {r['gflops']:.1f} |", file=file)
 
 
 def parse_args(args=None) -> argparse.Namespace:
@@ -140,6 +203,7 @@ def parse_args(args=None) -> argparse.Namespace:
                         help="rows, comma-separated: vit-s16 global, vit-s16 window, resnet50-fpn")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--vit-only", action="store_true", help="only the (ViT only) rows: skip the detectors")
     parser.add_argument("--tiny", action="store_true",
                         help="a 64-wide, 4-block ViT (window 2, global blocks 1, 3) instead of ViT-S: a smoke run")
     options = parser.parse_args(args)
@@ -164,7 +228,12 @@ def main(args=None) -> list[dict]:
     if options.threads:
         torch.set_num_threads(options.threads)
     device = torch.device(options.device)
-    rows = [bench(name, size, options, device) for size in options.sizes for name in options.models]
+    rows = []
+    for size in options.sizes:
+        print(f"benchmarking {size} px ...", file=sys.stderr, flush=True)
+        if not options.vit_only:
+            rows += [bench(name, size, options, device) for name in options.models]
+        rows += [bench_backbone(name, size, options, device) for name in options.models if name.startswith("vit")]
     print_table(rows, options, device)
     return rows
 

@@ -139,9 +139,13 @@ def test_detection_tiny_mode_compares_vit_global_windowed_and_resnet50_fpn(capsy
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "| size | model | params (M) | train img/s | train peak MB | infer img/s | infer peak MB |" in out
-    assert [r["model"] for r in rows] == ["vit-s16 global", "vit-s16 window", "resnet50-fpn"]
-    assert all(r["train_ips"] > 0 and r["infer_ips"] > 0 for r in rows)
-    global_, windowed, resnet = rows
+    assert [r["model"] for r in rows] == ["vit-s16 global", "vit-s16 window", "resnet50-fpn",
+                                          "vit-s16 global (ViT only)", "vit-s16 window (ViT only)"]
+    assert all(r["train_ips"] > 0 for r in rows) and all(r["infer_ips"] > 0 for r in rows[:3])
+    global_, windowed, resnet = rows[:3]
+    vit_global, vit_windowed = rows[3:]
+    assert vit_windowed["gflops"] < vit_global["gflops"]  # 2x2 windows of a 4x4 grid: a quarter of the attention
+    assert vit_global["saved"] > 0 and vit_windowed["saved"] > 0
     assert global_["params"] == windowed["params"]  # windows add no parameters
     # torchvision's fasterrcnn_resnet50_fpn, 91 classes; without backbone weights its BatchNorms train (41,755,286
     # in torchvision's table counts them frozen, as buffers)
