@@ -1,15 +1,17 @@
 """Classify images with a trained model and print the top-k class names.
 
-    vit predict IMAGE [IMAGE ...] --checkpoint PATH [--topk 5] [--backend auto] [--quantize none]
+    vit predict IMAGE [IMAGE ...] --checkpoint PATH [--topk 5] [--backend auto] [--precision auto]
 
 PATH is anything ``vit.load_pretrained`` reads: our Lightning ``.ckpt``, a ``save_pretrained`` directory, timm /
 Hugging Face weights, ... Images are normalised with the checkpoint's mean/std and resized as in evaluation,
 decoded in loader worker processes and run in batches of ``--batch-size`` by the backend of ``vit.deploy.runners``
-(``--backend auto``: the fastest available here whose answers match eager PyTorch on the first images).
+(``--backend auto --precision auto``: the fastest measured here whose answers match eager PyTorch fp32 on the
+first images).
 For a whole folder with a CSV, use ``python train.py predict --config ... --ckpt_path ... --data.predict_path``.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -86,8 +88,20 @@ def image_loader(model: VisionTransformer, paths: Sequence[str | Path], batch_si
     else is set in the workers (OpenCV's thread pool, reconfigured in a forked child, can hang it)."""
     if workers is None:
         workers = 0 if len(paths) <= batch_size else 1
+    # OpenVINO's thread pool (TBB) does not survive a fork: a worker forked after it started took the run down with
+    # a segfault; forkserver starts the workers from a clean process instead
+    context = "forkserver" if workers and "openvino" in sys.modules and sys.platform == "linux" else None
     return DataLoader(ImageFiles(model, paths), batch_size=batch_size, num_workers=workers, collate_fn=_collate,
-                      prefetch_factor=2 if workers else None)
+                      prefetch_factor=2 if workers else None, multiprocessing_context=context)
+
+
+def calibration_images(model: VisionTransformer, source: str | Path, limit: int = 64) -> torch.Tensor:
+    """Up to ``limit`` images of a folder (recursive, sorted; spread over it) or ``.txt`` list, preprocessed for
+    ``model``: the int8 calibration set of ``--calibration``."""
+    from .detect import image_files
+    paths = image_files([source])
+    step = max(1, len(paths) // limit)
+    return preprocess(model, paths[::step][:limit])
 
 
 def _check_files(paths: Sequence[str | Path]) -> None:
@@ -97,12 +111,13 @@ def _check_files(paths: Sequence[str | Path]) -> None:
 
 
 def predict(model: VisionTransformer | Runner, paths: Sequence[str | Path], topk: int = 5, batch_size: int = 32,
-            backend: str = "auto", quantize: str | None = None, workers: int | None = None
-            ) -> list[list[tuple[str, float]]]:
+            backend: str = "auto", precision: str | None = "auto", workers: int | None = None, *,
+            calibration: torch.Tensor | None = None, log=None, **old) -> list[list[tuple[str, float]]]:
     """Top-k (class name, probability) for each image, most likely first.
 
-    ``model`` is a model (then the runner for ``backend``/``quantize`` is built and checked on the first images;
-    see ``vit.deploy.runners.create_runner``) or a runner built before, for many calls.
+    ``model`` is a model (then the runner for ``backend``/``precision`` is built and checked on the first images,
+    int8 calibrated on ``calibration`` else on them, and its choice printed through ``log``; see
+    ``vit.deploy.runners.create_runner``, which also takes the old ``quantize=``) or a runner built before.
 
     Example:
         >>> predict(load_model("runs/vit/version_0/checkpoints/last.ckpt"), ["cat.jpg"], topk=2)  # doctest: +SKIP
@@ -116,7 +131,8 @@ def predict(model: VisionTransformer | Runner, paths: Sequence[str | Path], topk
         if isinstance(images, Exception):
             raise images
         if runner is None:
-            runner = create_runner(source, backend, quantize, probe=images[:PROBE_SIZE])
+            runner = create_runner(source, backend, precision, probe=images[:PROBE_SIZE], calibration=calibration,
+                                   log=log, **old)
         results += top_classes(runner, images, topk)
     return results
 
