@@ -6,6 +6,7 @@ else on the probe batch."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import logging
@@ -29,6 +30,13 @@ def _openvino():
     except ImportError as error:
         raise BackendError(OPENVINO_MISSING) from error
     return openvino
+
+
+@functools.cache
+def core():
+    """The process's one ``openvino.Core``: each Core holds its own plugins and thread pools, and with a new Core
+    per runner a later fork (a DataLoader worker, a subprocess) crashed the process."""
+    return _openvino().Core()
 
 
 def convert(model: nn.Module):
@@ -99,13 +107,13 @@ def cached_ir(model: nn.Module, precision: str, cache_dir: str | os.PathLike | N
     digest = hashlib.sha256(calibration.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()[:12]
     quantized = base.with_name(f"{base.stem}.int8-{digest}.xml")
     if not quantized.is_file():
-        atomic(quantized, lambda tmp: save_ir(quantize_int8(ov.Core().read_model(str(base)), calibration), tmp))
+        atomic(quantized, lambda tmp: save_ir(quantize_int8(core().read_model(str(base)), calibration), tmp))
     return quantized
 
 
 def build_openvino(model: nn.Module, precision: str, *, threads: int, cache_dir=None,
                    calibration: torch.Tensor | None = None, bf16_native: bool = False, **_) -> Runner:
-    ov = _openvino()
+    _openvino()  # not installed: say so before any work
     if device_of(model).type != "cpu":
         raise BackendError("openvino: runs the model on the CPU here; move the model to CPU or use another backend")
     if precision == "int8" and calibration is None:
@@ -113,12 +121,11 @@ def build_openvino(model: nn.Module, precision: str, *, threads: int, cache_dir=
     path = cached_ir(model, precision, cache_dir, calibration)
     # int8 leaves the layer norms, softmax and head in float: bf16 where that is native, as OpenVINO would choose
     hint = HINTS.get(precision) or ("bf16" if bf16_native else "f32")
-    core = ov.Core()
     # one compiled-blob folder per hint: OpenVINO 2026.4 reused an f32 blob for a bf16 compile of the same IR
     # (its cache key misses the hint), which then gave NaN logits
-    core.set_property({"CACHE_DIR": str(path.parent / "compiled" / hint)})
-    compiled = core.compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": hint,
-                                                      "INFERENCE_NUM_THREADS": threads})
+    compiled = core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": hint,
+                                                       "INFERENCE_NUM_THREADS": threads,
+                                                       "CACHE_DIR": str(path.parent / "compiled" / hint)})
     request = compiled.create_infer_request()
 
     def forward(images: torch.Tensor) -> torch.Tensor:
@@ -132,7 +139,7 @@ def build_openvino(model: nn.Module, precision: str, *, threads: int, cache_dir=
 def compare_openvino(model: nn.Module, path: str | os.PathLike, images: torch.Tensor) -> tuple[float, float]:
     """(max |OpenVINO - PyTorch| logit difference, top-1 agreement) of the IR at ``path`` on ``images``, compiled
     at fp32 (so an fp32 IR is checked exactly, an int8 one for its quantisation alone)."""
-    compiled = _openvino().Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     got = torch.from_numpy(compiled(images.detach().cpu().float().numpy())[0].copy())
     with torch.no_grad():
         want = model.eval()(images)

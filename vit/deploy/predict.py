@@ -11,7 +11,6 @@ For a whole folder with a CSV, use ``python train.py predict --config ... --ckpt
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -88,11 +87,8 @@ def image_loader(model: VisionTransformer, paths: Sequence[str | Path], batch_si
     else is set in the workers (OpenCV's thread pool, reconfigured in a forked child, can hang it)."""
     if workers is None:
         workers = 0 if len(paths) <= batch_size else 1
-    # OpenVINO's thread pool (TBB) does not survive a fork: a worker forked after it started took the run down with
-    # a segfault; forkserver starts the workers from a clean process instead
-    context = "forkserver" if workers and "openvino" in sys.modules and sys.platform == "linux" else None
     return DataLoader(ImageFiles(model, paths), batch_size=batch_size, num_workers=workers, collate_fn=_collate,
-                      prefetch_factor=2 if workers else None, multiprocessing_context=context)
+                      prefetch_factor=2 if workers else None)
 
 
 def calibration_images(model: VisionTransformer, source: str | Path, limit: int = 64) -> torch.Tensor:
