@@ -10,7 +10,8 @@ noise hits them alike: timm eager fp32 (the baseline) and ours through each back
 ``vit.deploy.runners`` (eager, onnxruntime, openvino, and compile when asked; fp32, bf16 where the hardware has it
 natively, int8). img/s is the median of ``--repeats`` timed batches after ``--warmup`` untimed ones; ``build s``
 is the one-time cost (quantisation, export, compilation) including the first batch; ``share of matmul peak`` is
-the model's FLOPs x img/s over the best square-matmul FLOP/s this CPU reaches in that precision (measured first).
+the model's FLOPs x img/s over the best 2048^2 matmul FLOP/s this CPU reached in that precision (measured
+before and after the timings; the best of both).
 
 ``--save-order`` records ours at the largest batch, fastest first, keeping only those that agree with eager fp32
 on the real test photos (fp32 on all, bf16 / int8 on >= 99 %), as this machine's order for
@@ -239,9 +240,7 @@ def bench_speed(name: str, args, images: np.ndarray) -> list[dict]:
                        precision=c["precision"], build=c["build"], missing=c["missing"])
             if c["forward"] is not None:
                 ips = batch / statistics.median(c["times"])
-                peak = args.peaks.get(c["precision"])
-                row.update(ips=ips, ratio=ips / timm_ips, mem=_memory(c, batches[-1], args.threads),
-                           peak_share=flops * ips / peak if peak else None,
+                row.update(ips=ips, ratio=ips / timm_ips, mem=_memory(c, batches[-1], args.threads), flops=flops,
                            spread=(max(c["times"]) - min(c["times"])) / statistics.median(c["times"]))
             rows.append(row)
     return rows
@@ -255,7 +254,7 @@ def _flops_per_image(model, image: torch.Tensor) -> float:
     return float(counter.get_total_flops())
 
 
-def matmul_peaks(threads: int, size: int = 1024, repeats: int = 5) -> dict[str, float | None]:
+def matmul_peaks(threads: int, size: int = 2048, repeats: int = 5) -> dict[str, float | None]:
     """FLOP/s of a square matmul on this CPU per precision, best of ``repeats``: the ceiling each precision's
     rows are a share of. fp32 and bf16 through torch (oneDNN; bf16 only where native), int8 through
     ``torch._int_mm`` (int8 x int8 -> int32) where this torch has it on CPU."""
@@ -415,7 +414,7 @@ def main(args=None) -> tuple[list[dict], list[dict]]:
           f"{_device_name(torch.device('cpu'))}, threads {torch.get_num_threads()}, repeats {args.repeats}, "
           f"warmup {args.warmup}; images: {source}", flush=True)
     args.peaks = matmul_peaks(args.threads)
-    print("matmul peak (1024^2, GFLOP/s): " + ", ".join(f"{k} {'n/a' if v is None else f'{v / 1e9:.0f}'}"
+    print("matmul peak (2048^2, GFLOP/s): " + ", ".join(f"{k} {'n/a' if v is None else f'{v / 1e9:.0f}'}"
                                                        for k, v in args.peaks.items()), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         if args.cache_dir is None:
@@ -424,6 +423,14 @@ def main(args=None) -> tuple[list[dict], list[dict]]:
         rows = []
         for name in models:
             rows += bench_speed(name, args, test[0][:64])
+    # the peak again at the end, the best of both: on shared cores one measurement can land in a busy moment
+    for precision, peak in matmul_peaks(args.threads).items():
+        args.peaks[precision] = max(filter(None, (peak, args.peaks.get(precision))), default=None)
+    for r in rows:
+        peak = args.peaks.get(r["precision"])
+        r["peak_share"] = r["flops"] * r["ips"] / peak if r.get("ips") and peak else None
+    print("matmul peak, best of start and end (GFLOP/s): " + ", ".join(
+        f"{k} {'n/a' if v is None else f'{v / 1e9:.0f}'}" for k, v in args.peaks.items()))
     print()
     print_tables(rows, agreement)
     print()

@@ -106,7 +106,7 @@ def test_inference_tiny_mode_prints_speed_and_agreement_tables_and_saves_the_ord
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "| tiny | 2 | timm | eager | fp32 |" in out and "| tiny | 2 | ours | onnxruntime | int8 |" in out
-    assert "share of matmul peak" in out and "matmul peak (1024^2, GFLOP/s): fp32 " in out
+    assert "share of matmul peak" in out and "matmul peak (2048^2, GFLOP/s): fp32 " in out
     assert "top-1 agreement with eager fp32 on 32 real test photos" in out
     assert "target: auto's choice >= 4.0x" in out and "target: best path >= 5.0x" in out
     pairs = [("eager", "fp32"), ("onnxruntime", "fp32"), ("eager", "bf16"), ("eager", "int8"), ("onnxruntime", "int8")]
