@@ -82,9 +82,9 @@ def test_export_refuses_an_onnx_file_that_differs_from_pytorch(tmp_path, capsys,
     torch.manual_seed(0)
     model = vit.VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3)
     source = vit.save_pretrained(model, tmp_path / "m")
-    real_export = export_command.export_onnx
+    real_export = export_command.export_onnx_newest
 
-    def faulty_export(model, path, opset=18):
+    def faulty_export(model, path, opset=None):
         shifted = copy.deepcopy(model)
         with torch.no_grad():
             shifted.head.bias.add_(1e-3)
@@ -92,7 +92,7 @@ def test_export_refuses_an_onnx_file_that_differs_from_pytorch(tmp_path, capsys,
 
     assert export_command.main([str(source), "--onnx", str(tmp_path / "ok.onnx")]) == 0  # the control run
     capsys.readouterr()
-    monkeypatch.setattr(export_command, "export_onnx", faulty_export)
+    monkeypatch.setattr(export_command, "export_onnx_newest", faulty_export)
     assert export_command.main([str(source), "--onnx", str(tmp_path / "bad.onnx")]) == 1
     err = capsys.readouterr().err
     assert "differs from PyTorch by 1.0" in err and "> 0.0001" in err

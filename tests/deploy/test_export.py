@@ -77,4 +77,64 @@ def test_onnx_int8_agreement_below_the_threshold_fails(saved, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "int8 top-1 agrees with fp32 PyTorch" in err[0]
     assert export.main([str(directory), "--pt2", str(tmp_path / "m.pt2"), "--quantize", "int8"]) == 2
-    assert "--quantize int8 quantises the ONNX model" in capsys.readouterr().err
+    assert "--precision int8 quantises the ONNX model or the OpenVINO IR" in capsys.readouterr().err
+
+
+def _opset(path) -> int:
+    import onnx
+    return next(entry.version for entry in onnx.load(str(path)).opset_import if entry.domain in ("", "ai.onnx"))
+
+
+def test_onnx_export_picks_the_newest_opset_onnxruntime_loads_unless_opset_is_given(saved, tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    from vit.deploy.onnx_backend import exporter_max_opset
+    _, directory = saved
+    assert export.main([str(directory), "--onnx", str(tmp_path / "new.onnx")]) == 0
+    newest = _opset(tmp_path / "new.onnx")
+    assert f"(opset {newest}; " in capsys.readouterr().out
+    assert 18 < newest <= exporter_max_opset()  # newer than the old fixed 18 with this torch and onnxruntime
+    ort.InferenceSession(str(tmp_path / "new.onnx"), providers=["CPUExecutionProvider"])  # it loads
+    assert export.main([str(directory), "--onnx", str(tmp_path / "old.onnx"), "--opset", "18"]) == 0
+    assert _opset(tmp_path / "old.onnx") == 18 and "(opset 18; " in capsys.readouterr().out
+
+
+def test_onnx_newest_opset_steps_down_past_one_the_runtime_rejects(saved, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from vit.deploy import onnx_backend
+    model, _ = saved
+    real = onnx_backend.onnx_session
+    newest = onnx_backend.exporter_max_opset()
+
+    def runtime_without_newest(path, *args, **kwargs):
+        if _opset(path) == newest:
+            raise RuntimeError(f"opset {newest} is not supported")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(onnx_backend, "onnx_session", runtime_without_newest)
+    path, opset = onnx_backend.export_onnx_newest(model, tmp_path / "m.onnx")
+    assert opset == newest - 1 == _opset(path)
+
+
+def test_openvino_export_writes_the_ir_fp32_and_int8_calibrated_on_a_folder(large_logits, tmp_path, capsys):
+    ov = pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    pytest.importorskip("nncf", reason="the openvino extra is not installed")
+    from PIL import Image
+    model, directory = large_logits
+    images = tmp_path / "calibration"
+    images.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for i in range(8):
+        pixels = torch.randint(0, 256, (16, 16, 3), generator=generator, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(images / f"{i}.png")
+    assert export.main([str(directory), "--openvino", str(tmp_path / "ir")]) == 0
+    assert "OpenVINO fp32 max |diff| vs PyTorch" in capsys.readouterr().out
+    compiled = ov.Core().compile_model(str(tmp_path / "ir" / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    x = torch.randn(5, 3, 16, 16, generator=generator)
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(compiled(x.numpy())[0]), model(x), atol=1e-4)
+    assert export.main([str(directory), "--openvino", str(tmp_path / "ir8"), "--precision", "int8",
+                        "--calibration", str(images), "--min-agreement", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "int8, calibrated on 8 images; top-1 agreement with fp32 PyTorch" in out
+    types = {op.get_type_name() for op in ov.Core().read_model(str(tmp_path / "ir8" / "model.xml")).get_ops()}
+    assert "FakeQuantize" in types or "FakeConvert" in types  # quantised, not the fp32 IR again

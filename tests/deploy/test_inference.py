@@ -3,6 +3,7 @@
 Thresholds: fp32 backends give eager's top-1 on every held-out digit (logits within 1e-4); int8 (eager torch.ao,
 onnxruntime) agrees with fp32 on at least 97 % of them.
 """
+import re
 import sys
 
 import numpy as np
@@ -15,6 +16,8 @@ import vit
 from vit.commands import predict as predict_cli
 from vit.deploy import runners as inference
 from vit.deploy.predict import load_model, predict
+from vit.deploy import onnx_backend
+from vit.deploy.order import save_order
 from vit.deploy.runners import BackendError, VerificationError, create_runner, top1_agreement
 
 INT8_AGREEMENT = 0.97
@@ -62,7 +65,7 @@ def test_fp32_backends_give_eager_top1(trained, eager_logits, backend, tmp_path)
     if backend == "onnxruntime":
         pytest.importorskip("onnxruntime")
     model, x, _ = trained
-    runner = create_runner(model, backend, cache_dir=tmp_path)
+    runner = create_runner(model, backend, "fp32", cache_dir=tmp_path)
     assert runner.name == f"{backend} fp32"
     logits = runner(x)
     assert top1_agreement(logits, eager_logits) == 1.0
@@ -96,7 +99,7 @@ def test_onnxruntime_int8_quantises_the_block_matmuls_only(trained, tmp_path):
 def test_compile_backend_gives_eager_top1_and_pads_smaller_batches(trained, eager_logits):
     model, x, _ = trained
     try:
-        runner = create_runner(model, "compile", probe=x[:8])
+        runner = create_runner(model, "compile", "fp32", probe=x[:8])
     except BackendError as error:  # no C++ compiler on this machine: the message says so
         assert "C++ compiler" in str(error)
         pytest.skip(str(error))
@@ -111,7 +114,7 @@ def test_compile_int8_and_missing_compiler_are_clear_errors(trained, monkeypatch
         create_runner(model, "compile", "int8")
     monkeypatch.setattr(inference.shutil, "which", lambda name: None)
     with pytest.raises(BackendError, match="no C\\+\\+ compiler"):
-        create_runner(model, "compile")
+        create_runner(model, "compile", "fp32")
 
 
 def test_missing_onnxruntime_is_a_clear_message_and_auto_falls_back(trained, eager_logits, monkeypatch, tmp_path):
@@ -119,31 +122,37 @@ def test_missing_onnxruntime_is_a_clear_message_and_auto_falls_back(trained, eag
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
     with pytest.raises(BackendError, match="onnxruntime: not installed"):
         create_runner(model, "onnxruntime")
+    order = save_order([("onnxruntime", "fp32"), ("eager", "fp32")], path=tmp_path / "order.json")
     notes = []
-    runner = create_runner(model, "auto", log=notes.append)
-    assert runner.name == "eager fp32" and len(notes) == 1 and "not installed" in notes[0]
+    runner = create_runner(model, "auto", order_file=order, log=notes.append)
+    assert runner.name == "eager fp32" and len(notes) == 2 and "not installed" in notes[0]
+    assert notes[1] == f"runner: eager fp32 (auto: order measured here ({order}))"
     assert torch.equal(runner(x), eager_logits)
-    assert create_runner(model, "auto", "int8", log=notes.append).name == "eager int8"
+    assert create_runner(model, "auto", "int8", order_file=order, log=notes.append).name in ("openvino int8",
+                                                                                             "eager int8")
 
 
-def test_a_backend_with_wrong_answers_is_refused(trained, monkeypatch):
+def test_a_backend_with_wrong_answers_is_refused_by_auto_in_one_line(trained, monkeypatch, tmp_path):
     model, x, _ = trained
-    broken = lambda model, quantize, **_: inference.Runner("onnxruntime", quantize, model,  # noqa: E731
-                                                           lambda images: -model(images))
+    broken = lambda model, precision, **_: inference.Runner("onnxruntime", precision, model,  # noqa: E731
+                                                            lambda images: -model(images))
     monkeypatch.setitem(inference._BUILDERS, "onnxruntime", broken)
     with pytest.raises(VerificationError, match="top-1 agrees with eager fp32 on only 0 of 8"):
-        create_runner(model, "onnxruntime", probe=x[:8])
+        create_runner(model, "onnxruntime", "fp32", probe=x[:8])
+    order = save_order([("onnxruntime", "fp32"), ("eager", "fp32")], path=tmp_path / "order.json")
     notes = []
-    assert create_runner(model, "auto", probe=x[:8], log=notes.append).name == "eager fp32"
-    assert "using eager instead" in notes[0]
+    runner = create_runner(model, "auto", probe=x[:16], order_file=order, log=notes.append)
+    assert runner.name == "eager fp32" and len(notes) == 2 and notes[1].startswith("runner: eager fp32 (auto: ")
+    assert re.fullmatch(r"note: onnxruntime fp32: top-1 agrees with eager fp32 on only 0 of 16 probe images, needs all "
+                        r"\(max \|logit difference\| [0-9.]+\); trying eager fp32", notes[0])
 
 
 def test_onnx_export_is_cached_by_weights(trained, tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     model, x, _ = trained
-    first = create_runner(model, "onnxruntime", cache_dir=tmp_path)
-    monkeypatch.setattr(inference, "export_onnx", lambda *a, **k: pytest.fail("exported again"))
-    second = create_runner(model, "onnxruntime", cache_dir=tmp_path)
+    first = create_runner(model, "onnxruntime", "fp32", cache_dir=tmp_path)
+    monkeypatch.setattr(onnx_backend, "export_onnx", lambda *a, **k: pytest.fail("exported again"))
+    second = create_runner(model, "onnxruntime", "fp32", cache_dir=tmp_path)
     assert second.path == first.path and torch.equal(second(x), first(x))
     other = vit.VisionTransformer(model.config)  # other weights: another file
     assert inference.weights_key(other) != inference.weights_key(model)
@@ -153,8 +162,111 @@ def test_bad_arguments_are_value_errors(trained):
     model, _, _ = trained
     with pytest.raises(ValueError, match="backend"):
         create_runner(model, "tensorrt")
-    with pytest.raises(ValueError, match="quantize"):
+    with pytest.raises(ValueError, match="precision: expected auto or one of fp32, bf16, int8, got 'int4'"):
         create_runner(model, "eager", "int4")
+
+
+# ---- precision: fp32 | bf16 | int8 | auto ---------------------------------------------------------------------------
+def _bf16(monkeypatch, native: bool):
+    monkeypatch.setattr(inference, "native_bf16", lambda device: (native, "mocked CPU"))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_takes_bf16_only_where_it_is_native(trained, monkeypatch, tmp_path, native):
+    model, x, _ = trained
+    _bf16(monkeypatch, native)
+    runner = create_runner(model, "eager", "auto", probe=x[:16], order_file=tmp_path / "none.json")
+    assert runner.name == ("eager bf16" if native else "eager fp32") and runner.reason.startswith("auto: default order")
+    if native:
+        assert runner.agreement >= inference.AUTO_MIN_AGREEMENT
+        assert create_runner(model, "eager", "bf16", probe=x[:16]).name == "eager bf16"
+    else:  # never emulated: asking for it is an error naming the precision and why
+        with pytest.raises(BackendError, match="precision bf16: not native here \\(mocked CPU\\)"):
+            create_runner(model, "eager", "bf16")
+        with pytest.raises(BackendError, match="precision bf16: not native"):
+            create_runner(model, "auto", "bf16")
+        # a measured order that starts with bf16 (measured on other hardware, say) is skipped too
+        order = save_order([("eager", "bf16"), ("eager", "fp32")], path=tmp_path / "order.json")
+        assert create_runner(model, order_file=order, probe=x[:16]).name == "eager fp32"
+
+
+def test_the_old_quantize_argument_still_works_or_names_precision(trained):
+    model, _, _ = trained
+    with pytest.warns(DeprecationWarning, match="precision"):
+        assert create_runner(model, "eager", quantize="int8").name == "eager int8"
+    with pytest.warns(DeprecationWarning):
+        assert create_runner(model, "eager", quantize=None).name == "eager fp32"
+    assert create_runner(model, "eager", None).name == "eager fp32"  # the old positional "no quantisation"
+    with pytest.raises(ValueError, match="quantize: expected none or int8 \\(quantize is now precision"):
+        create_runner(model, "eager", quantize="int4")
+    with pytest.raises(ValueError, match="give precision only"):
+        create_runner(model, "eager", "bf16", quantize="int8")
+
+
+# every backend x precision this machine runs, against eager fp32 on the held-out digits: fp32 gives eager's top-1
+# (logits within 1e-4); bf16 and int8 agree on >= 97 % and differ from fp32 (not fp32 in disguise) by less than
+# their tolerance (logits here span about +-6; OpenVINO's int8 quantises activations statically, the others per batch)
+PAIRS = {("eager", "bf16"): 0.5, ("onnxruntime", "fp32"): 1e-4, ("onnxruntime", "int8"): 1.0,
+         ("openvino", "fp32"): 1e-4, ("openvino", "bf16"): 0.5, ("openvino", "int8"): 2.5}
+
+
+@pytest.mark.parametrize("backend, precision", PAIRS, ids=[" ".join(pair) for pair in PAIRS])
+def test_every_backend_and_precision_agrees_with_fp32(trained, eager_logits, tmp_path, backend, precision):
+    pytest.importorskip(backend if backend != "eager" else "torch", reason=f"the {backend} extra is not installed")
+    model, x, _ = trained
+    if precision == "bf16" and not inference.native_bf16("cpu")[0]:
+        with pytest.raises(BackendError, match="not native"):
+            create_runner(model, backend, precision)
+        return
+    runner = create_runner(model, backend, precision, probe=x[:16], calibration=x[:32], cache_dir=tmp_path)
+    assert runner.name == f"{backend} {precision}"
+    logits = torch.cat([runner(x[i:i + 50]) for i in range(0, len(x), 50)])
+    if precision == "fp32":
+        assert top1_agreement(logits, eager_logits) == 1.0
+        assert (logits - eager_logits).abs().max() < PAIRS[backend, precision]
+    else:
+        assert top1_agreement(logits, eager_logits) >= INT8_AGREEMENT
+        assert 1e-5 < (logits - eager_logits).abs().max() < PAIRS[backend, precision]
+
+
+def test_auto_follows_the_measured_order_else_the_default(trained, monkeypatch, tmp_path):
+    model, x, _ = trained
+    _bf16(monkeypatch, False)
+    order = save_order([("onnxruntime", "int8"), ("eager", "fp32")], path=tmp_path / "order.json",
+                       measured={"onnxruntime int8": 2.0})
+    runner = create_runner(model, probe=x[:16], order_file=order, cache_dir=tmp_path)
+    assert runner.name == "onnxruntime int8" and "order measured here" in runner.reason
+    assert runner.agreement >= inference.AUTO_MIN_AGREEMENT
+    # another machine's entry (another key) is kept beside ours, and does not apply here
+    from vit.deploy import order as ordering
+    monkeypatch.setattr(ordering, "machine", lambda device="cpu": {"cpu": "another"})
+    assert ordering.measured_order(path=order) is None
+    save_order([("eager", "int8")], path=order)
+    monkeypatch.undo()
+    assert ordering.measured_order(path=order) == [("onnxruntime", "int8"), ("eager", "fp32")]
+    (tmp_path / "bad.json").write_text("{not json")
+    assert ordering.measured_order(path=tmp_path / "bad.json") is None
+
+
+def test_openvino_ir_is_converted_once_into_the_weight_keyed_cache(trained, tmp_path, monkeypatch):
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    from vit.deploy import openvino_backend
+    model, x, _ = trained
+    first = create_runner(model, "openvino", "fp32", cache_dir=tmp_path)
+    assert first.path.parent == tmp_path / "openvino" and first.path.with_suffix(".bin").is_file()
+    monkeypatch.setattr(openvino_backend, "convert", lambda *a, **k: pytest.fail("converted again"))
+    second = create_runner(model, "openvino", "fp32", cache_dir=tmp_path)
+    assert second.path == first.path and torch.equal(second(x), first(x))
+    int8 = create_runner(model, "openvino", "int8", probe=x[:16], calibration=x[:32], cache_dir=tmp_path)
+    other = create_runner(model, "openvino", "int8", probe=x[:16], calibration=x[32:64], cache_dir=tmp_path)
+    assert int8.path.name.startswith(first.path.stem + ".int8-") and other.path != int8.path  # keyed by calibration
+
+
+def test_missing_openvino_is_a_clear_message(trained, monkeypatch):
+    model, _, _ = trained
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(BackendError, match="openvino: not installed \\(pip install 'vit\\[openvino\\]'"):
+        create_runner(model, "openvino", "fp32")
 
 
 # ---- vit.deploy.predict -------------------------------------------------------------------------------------------
@@ -178,12 +290,12 @@ def test_predict_backends_and_workers_give_the_same_answers(digit_files, tmp_pat
     monkeypatch.setenv("VIT_CACHE_DIR", str(tmp_path / "cache"))
     paths, directory = digit_files
     model = load_model(str(directory))
-    eager = predict(model, paths, topk=1, batch_size=16, backend="eager", workers=0)
+    eager = predict(model, paths, topk=1, batch_size=16, backend="eager", precision="fp32", workers=0)
     for backend, workers in (("onnxruntime", 1), ("auto", 2)):
-        got = predict(model, paths, topk=1, batch_size=16, backend=backend, workers=workers)
+        got = predict(model, paths, topk=1, batch_size=16, backend=backend, precision="fp32", workers=workers)
         assert [top[0][0] for top in got] == [top[0][0] for top in eager]
         assert [top[0][1] for top in got] == pytest.approx([top[0][1] for top in eager], abs=1e-5)
-    int8 = predict(model, paths, topk=1, batch_size=16, backend="onnxruntime", quantize="int8")
+    int8 = predict(model, paths, topk=1, batch_size=16, backend="onnxruntime", precision="int8")
     assert np.mean([a[0][0] == b[0][0] for a, b in zip(int8, eager)]) >= INT8_AGREEMENT
 
 
@@ -199,6 +311,19 @@ def test_predict_cli_onnxruntime_int8_end_to_end(digit_files, tmp_path, monkeypa
     assert list((tmp_path / "cache" / "onnx").glob("*.int8.onnx"))
 
 
+def test_predict_cli_prints_the_runner_it_chose_and_takes_overrides(digit_files, capsys):
+    paths, directory = digit_files
+    assert predict_cli.main([*paths[:4], "--checkpoint", str(directory)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.fullmatch(r"runner: \w+ (fp32|bf16|int8) \(auto: .*\)", err[0])
+    assert predict_cli.main([*paths[:4], "--checkpoint", str(directory), "--backend", "eager", "--precision", "int8"]) == 0
+    assert capsys.readouterr().err.strip() == "runner: eager int8 (as asked)"
+    assert predict_cli.main([*paths[:4], "--checkpoint", str(directory), "--backend", "eager", "--quantize", "int8"]) == 0
+    assert capsys.readouterr().err.strip() == "runner: eager int8 (as asked)"
+    assert predict_cli.main([paths[0], "--checkpoint", str(directory), "--quantize", "int8", "--precision", "bf16"]) == 2
+    assert "--quantize int8 and --precision bf16 disagree" in capsys.readouterr().err
+
+
 def test_predict_cli_errors_are_one_line(digit_files, tmp_path, monkeypatch, capsys):
     paths, directory = digit_files
     bad = tmp_path / "bad.png"
@@ -209,6 +334,6 @@ def test_predict_cli_errors_are_one_line(digit_files, tmp_path, monkeypatch, cap
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     assert predict_cli.main([paths[0], "--checkpoint", str(directory), "--backend", "onnxruntime"]) == 2
     assert predict_cli.main([paths[0], "--checkpoint", str(directory), "--batch-size", "0"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("runner: ")]
     assert len(err) == 3 and all(line.startswith("error: ") for line in err)
     assert "bad.png" in err[0] and "onnxruntime: not installed" in err[1] and "--batch-size" in err[2]

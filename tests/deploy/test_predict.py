@@ -55,7 +55,7 @@ def test_train_predict_writes_a_csv_of_topk_labels(trained, image_folder, tmp_pa
         assert rows[0] == ["file", "label_1", "prob_1", "label_2", "prob_2", "label_3", "prob_3"]
         assert [r[0] for r in rows[1:]] == expected
         # each row is the model's own ranking for that file, computed here without Lightning
-        own = predict(load_model(str(ckpt)), expected, topk=3)
+        own = predict(load_model(str(ckpt)), expected, topk=3, precision="fp32")  # Lightning ran fp32
         for row, ranking in zip(rows[1:], own):
             labels, probs = row[1::2], [float(p) for p in row[2::2]]
             assert labels == [name for name, _ in ranking], row[0]
@@ -104,7 +104,7 @@ def test_test_writes_confusion_matrix_png_and_per_class_csv(trained, image_folde
     # the same numbers as scikit-learn's on the model's own answers for the test (= val) images
     from sklearn.metrics import precision_recall_fscore_support
     files = sorted(str(p) for p in (image_folder / "val").rglob("*.png"))
-    answers = [ranking[0][0] for ranking in predict(load_model(str(ckpt)), files, topk=1)]
+    answers = [ranking[0][0] for ranking in predict(load_model(str(ckpt)), files, topk=1, precision="fp32")]
     truth = [Path(f).parent.name for f in files]
     expected = precision_recall_fscore_support(truth, answers, labels=CLASSES, zero_division=0)
     for i, row in enumerate(rows):
@@ -173,7 +173,8 @@ def test_predict_path_without_a_value_is_a_clear_error(image_folder):
 def test_predict_compile_option_gives_the_eager_answers(trained, image_folder, capsys):
     _, ckpt = trained
     images = [str(p) for p in sorted((image_folder / "val").rglob("*.png"))[:2]]
-    assert predict_cli.main([*images, "--checkpoint", str(ckpt), "--topk", "2"]) == 0
+    fp32 = ["--checkpoint", str(ckpt), "--topk", "2", "--precision", "fp32"]
+    assert predict_cli.main([*images, *fp32, "--backend", "eager"]) == 0
     eager = capsys.readouterr().out
-    assert predict_cli.main([*images, "--checkpoint", str(ckpt), "--topk", "2", "--compile"]) == 0
+    assert predict_cli.main([*images, *fp32, "--compile"]) == 0
     assert capsys.readouterr().out == eager

@@ -10,10 +10,11 @@ import numpy as np
 
 from ..checkpoints import CheckpointError
 from ..deploy.detect import coco_image_ids, image_files, is_detection_checkpoint, load_detector, predict_boxes
-from ..deploy.predict import load_model, predict
-from ..deploy.runners import AUTO_ORDER, BACKENDS, BackendError, VerificationError
+from ..deploy.predict import calibration_images, load_model, predict
+from ..deploy.runners import BackendError, VerificationError
 from ..deploy.segment import is_segmentation_checkpoint, load_segmenter, predict_masks
 from ._common import CommandParser, one_line
+from ._inference import add_runner_arguments, runner_precision
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,11 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True,
                         help="our .ckpt, a save_pretrained directory, or any source vit.load_pretrained reads")
     parser.add_argument("--topk", type=int, default=5, help="how many classes to print per image (default 5)")
-    parser.add_argument("--backend", choices=["auto", *BACKENDS], default="auto",
-                        help="how to run the model (default auto: the first of "
-                             f"{', '.join(AUTO_ORDER[None])} that works here and matches eager on the first images)")
-    parser.add_argument("--quantize", choices=["none", "int8"], default="none",
-                        help="int8: dynamic int8 linear layers (faster on CPU; may change answers near a tie)")
+    add_runner_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
     parser.add_argument("--workers", type=int, default=None,
                         help="decoding processes (default: 0 for a single batch, else 1)")
@@ -65,9 +62,11 @@ def main(args: list[str] | None = None) -> int:
         return 2
     backend = "compile" if options.compile else options.backend
     try:
+        precision = runner_precision(options)
         model = load_model(options.checkpoint)
+        calibration = calibration_images(model, options.calibration) if options.calibration else None
         results = predict(model, options.images, options.topk, options.batch_size, backend=backend,
-                          quantize=options.quantize, workers=options.workers)
+                          precision=precision, workers=options.workers, calibration=calibration)
     except VerificationError as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 1

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
 from torch.utils.data import Dataset
 
 from ..utils.files import atomic_path

@@ -1,11 +1,12 @@
 """Classify images with a trained model and print the top-k class names.
 
-    vit predict IMAGE [IMAGE ...] --checkpoint PATH [--topk 5] [--backend auto] [--quantize none]
+    vit predict IMAGE [IMAGE ...] --checkpoint PATH [--topk 5] [--backend auto] [--precision auto]
 
 PATH is anything ``vit.load_pretrained`` reads: our Lightning ``.ckpt``, a ``save_pretrained`` directory, timm /
 Hugging Face weights, ... Images are normalised with the checkpoint's mean/std and resized as in evaluation,
 decoded in loader worker processes and run in batches of ``--batch-size`` by the backend of ``vit.deploy.runners``
-(``--backend auto``: the fastest available here whose answers match eager PyTorch on the first images).
+(``--backend auto --precision auto``: the fastest measured here whose answers match eager PyTorch fp32 on the
+first images).
 For a whole folder with a CSV, use ``python train.py predict --config ... --ckpt_path ... --data.predict_path``.
 """
 from __future__ import annotations
@@ -90,6 +91,15 @@ def image_loader(model: VisionTransformer, paths: Sequence[str | Path], batch_si
                       prefetch_factor=2 if workers else None)
 
 
+def calibration_images(model: VisionTransformer, source: str | Path, limit: int = 64) -> torch.Tensor:
+    """Up to ``limit`` images of a folder (recursive, sorted; spread over it) or ``.txt`` list, preprocessed for
+    ``model``: the int8 calibration set of ``--calibration``."""
+    from .detect import image_files
+    paths = image_files([source])
+    step = max(1, len(paths) // limit)
+    return preprocess(model, paths[::step][:limit])
+
+
 def _check_files(paths: Sequence[str | Path]) -> None:
     for path in paths:
         if not Path(path).is_file():
@@ -97,12 +107,13 @@ def _check_files(paths: Sequence[str | Path]) -> None:
 
 
 def predict(model: VisionTransformer | Runner, paths: Sequence[str | Path], topk: int = 5, batch_size: int = 32,
-            backend: str = "auto", quantize: str | None = None, workers: int | None = None
-            ) -> list[list[tuple[str, float]]]:
+            backend: str = "auto", precision: str | None = "auto", workers: int | None = None, *,
+            calibration: torch.Tensor | None = None, log=None, **old) -> list[list[tuple[str, float]]]:
     """Top-k (class name, probability) for each image, most likely first.
 
-    ``model`` is a model (then the runner for ``backend``/``quantize`` is built and checked on the first images;
-    see ``vit.deploy.runners.create_runner``) or a runner built before, for many calls.
+    ``model`` is a model (then the runner for ``backend``/``precision`` is built and checked on the first images,
+    int8 calibrated on ``calibration`` else on them, and its choice printed through ``log``; see
+    ``vit.deploy.runners.create_runner``, which also takes the old ``quantize=``) or a runner built before.
 
     Example:
         >>> predict(load_model("runs/vit/version_0/checkpoints/last.ckpt"), ["cat.jpg"], topk=2)  # doctest: +SKIP
@@ -116,7 +127,8 @@ def predict(model: VisionTransformer | Runner, paths: Sequence[str | Path], topk
         if isinstance(images, Exception):
             raise images
         if runner is None:
-            runner = create_runner(source, backend, quantize, probe=images[:PROBE_SIZE])
+            runner = create_runner(source, backend, precision, probe=images[:PROBE_SIZE], calibration=calibration,
+                                   log=log, **old)
         results += top_classes(runner, images, topk)
     return results
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import platform
 import sys
 import time
 import warnings
@@ -21,6 +20,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
+from ..utils.hardware import native_bf16
 from .recipes import MOVED_TO_BACKBONE, TASKS, check_moved_keys, task_of  # noqa: F401  (re-exported)
 from .resume import (AtomicCheckpointIO, LastCheckpoint, ResumeState, SaveOnSignal, TrainingInterrupted,
                      find_last_checkpoint)
@@ -199,26 +199,14 @@ def resolve_precision(accelerator: str = "auto") -> str:
 def _auto_precision(accelerator) -> tuple[str, str]:
     name = accelerator.lower() if isinstance(accelerator, str) else type(accelerator).__name__.lower()
     if (name == "auto" or "gpu" in name or "cuda" in name) and torch.cuda.is_available():
-        try:
-            native = torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:  # an older torch, without the including_emulation argument
-            native = torch.cuda.is_bf16_supported()
-        return ("bf16-mixed", "CUDA GPU with native bf16") if native else ("32-true", "CUDA GPU without native bf16")
+        native, why = native_bf16("cuda")
+        return ("bf16-mixed" if native else "32-true"), why
     if name == "auto" and torch.backends.mps.is_available():
         return "32-true", "Apple MPS"
     if name == "auto" or "cpu" in name:
-        if _cpu_has_native_bf16():
-            return "bf16-mixed", "CPU with native bf16"
-        return "32-true", "CPU without native bf16: no AVX512-BF16 or AMX, so bf16 would be emulated"
+        native, why = native_bf16("cpu")
+        return ("bf16-mixed" if native else "32-true"), why
     return "32-true", f"accelerator {accelerator}"
-
-
-def _cpu_has_native_bf16() -> bool:
-    if platform.machine().lower() in ("arm64", "aarch64"):
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # the BF16 extension on Arm
-    # oneDNN's own check also says yes for plain AVX-512, where bf16 is emulated, so ask for the instructions
-    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
-    return any(check is not None and check() for check in checks)
 
 
 def check_devices(accelerator, devices) -> None:

@@ -1,1 +1,2 @@
-"""Helpers every layer may use: atomic file writes (``files``) and value ranges of configuration (``ranges``)."""
+"""Helpers every layer may use: atomic file writes (``files``), value ranges of configuration (``ranges``) and
+what the hardware runs natively (``hardware``)."""
