@@ -181,3 +181,14 @@ def test_segmentation_heads_tiny_mode_trains_each_head_on_frozen_features(capsys
     assert all(0 <= r["miou"] <= 1 and r["ips"] > 0 for r in rows)
     # frozen: only the head trains, and the linear heads are a BatchNorm and a 1x1 conv (4 classes)
     assert rows[0]["trainable"] == 2 * 32 + 32 * 4 + 4 and rows[1]["trainable"] == 2 * 64 + 64 * 4 + 4
+
+
+@pytest.mark.slow
+def test_default_run_repeats_train_py_over_seeds_and_prints_mean_and_spread(capsys):
+    rows = _load("default_run").main(["--seeds", "0", "1", "--trainer.max_epochs", "1",
+                                      "--trainer.limit_train_batches", "3", "--model.backbone.depth", "1"])
+    out = capsys.readouterr().out
+    assert [r["seed"] for r in rows] == [0, 1] and all(r["images"] == 359 for r in rows)
+    assert all(0.0 <= r["acc"] <= 1.0 and r["wall_s"] > 0 for r in rows)
+    assert "| seed | test accuracy | wall time (s) |" in out and "| mean (min-max) |" in out
+    assert "--trainer.max_epochs 1" in out  # the table names the command it measured
