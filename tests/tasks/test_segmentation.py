@@ -334,3 +334,64 @@ def test_a_run_lists_its_skipped_samples_in_the_run_directory(tmp_path, monkeypa
     lines = listing.read_text().splitlines()
     assert lines and all(line == f"{bad}\tlabel value(s) [9] are neither a class (0..3) nor the ignore index 255"
                          for line in lines)
+
+
+# ---- training features shared with the classifier and the detector ----------------------------------------------
+def _fit_on_shapes(module, tmp_path, callbacks=(), **trainer_args):
+    import lightning as L
+
+    from vit.data.segmentation import SegmentationDataModule
+    data = SegmentationDataModule("shapes", img_size=32, num_images=16, batch_size=4)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, default_root_dir=tmp_path, limit_val_batches=1,
+                        callbacks=list(callbacks), **trainer_args)
+    trainer.fit(module, datamodule=data)
+    return trainer
+
+
+def test_segmenter_budget_schedule_decays_over_the_time_allowed(tmp_path):
+    import lightning as L
+    lrs = []
+
+    class RecordLR(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    module = _segmenter(num_classes=4, lr=1e-3, warmup_epochs=0.0, min_lr_ratio=0.01, schedule="budget")
+    trainer = _fit_on_shapes(module, tmp_path, [RecordLR()], max_time={"seconds": 6}, max_epochs=-1)
+    timer = next(c for c in trainer.callbacks if type(c).__name__ == "Timer")
+    assert timer.time_elapsed("train") >= 5.5 and len(lrs) >= 4  # the time, not a step count, ended training
+    assert max(lrs) > 0.5e-3 and lrs[-1] < 0.25e-3, lrs  # from near the peak towards the floor
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])), lrs
+    with pytest.raises(ValueError, match="model.schedule: expected one of epochs, budget"):
+        _segmenter(schedule="minutes")
+
+
+def test_segmenter_skips_and_counts_a_nonfinite_loss(tmp_path):
+    module = _segmenter(num_classes=4, nonfinite_loss="skip")
+    original = module.loss
+    module.loss = lambda logits, masks: original(logits, masks) * float("nan") if module.training else \
+        original(logits, masks)
+    with pytest.warns(UserWarning, match="skipping a batch with a non-finite loss"):
+        _fit_on_shapes(module, tmp_path, max_epochs=1, limit_train_batches=2)
+    assert module.nonfinite_skipped == 2
+    with pytest.raises(Exception, match="non-finite training loss"):
+        module = _segmenter(num_classes=4)
+        module.loss = lambda logits, masks: logits.sum() * float("nan")
+        _fit_on_shapes(module, tmp_path, max_epochs=1, limit_train_batches=1)
+
+
+@pytest.mark.slow
+def test_the_small_data_recipe_trains_a_mask_folder_within_its_time_budget(tmp_path, monkeypatch, capsys):
+    from vit.data.masks import write_mask_folder
+    from vit.data.shapes import make_shape_masks
+    from vit.training.cli import run_default
+    root = write_mask_folder(make_shape_masks(12, size=40, seed=2), ["bg", "square", "circle", "triangle"],
+                             tmp_path / "d")
+    monkeypatch.chdir(tmp_path)
+    app = run_default(["--config", str(RECIPE.with_name("small_data.yaml")), "--data.root", str(root),
+                       "--trainer.max_time", "00:00:00:08", "--trainer.enable_progress_bar", "false",
+                       "--data.num_workers", "0", "--model.backbone.embed_dim", "32", "--model.backbone.depth", "1",
+                       "--model.backbone.num_heads", "2"])
+    assert app.model.hparams.schedule == "budget" and app.trainer.current_epoch >= 1  # epochs fitted to the time
+    assert "test mIoU" in capsys.readouterr().out

@@ -13,17 +13,18 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from ..training.callbacks import run_dir
-from ..training.optim import epoch_warmup_cosine, scaled_param_groups
-from ..utils.ranges import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, plain, range_problems
+from ..training.optim import scaled_param_groups
+from ..utils.ranges import (Fraction, NonNegativeFloat, OpenUnitInterval, PositiveFloat, PositiveInt, plain,
+                           range_problems)
 from .backbone import Backbone
-from .common import TaskCheckpoints
+from .common import TaskCheckpoints, TrainingFeatures, training_feature_problems
 from .heads import HEADS, SegmentationModel, sliding_window
 from .pyramid import norm_and_bias_names
 
 REPORT_NAME = "per_class_iou.csv"  # written in the run directory after trainer.test
 
 
-class Segmenter(TaskCheckpoints, L.LightningModule):
+class Segmenter(TaskCheckpoints, TrainingFeatures, L.LightningModule):
     """Train semantic segmentation on a ViT: cross-entropy (``ignore_index`` pixels left out, optional class
     weights), AdamW with layer-wise LR decay, linear warm-up + cosine decay; mIoU, per-class IoU and pixel accuracy
     from one torchmetrics confusion matrix per split (summed over ranks).
@@ -51,6 +52,12 @@ class Segmenter(TaskCheckpoints, L.LightningModule):
         weight_decay: AdamW weight decay; never applied to position embeddings, tokens, norms and biases.
         warmup_epochs: epochs of linear learning-rate warm-up (fractions allowed; at most half of training).
         min_lr_ratio: learning rate at the end of the cosine decay, as a fraction of lr.
+        ema_decay: decay of an exponential moving average of the weights, used for validation, test and the
+            checkpoints; None = off.
+        schedule: "epochs": warm-up + cosine over trainer.max_epochs; "budget": the cosine decays over the time
+            trainer.max_time allows (set trainer.max_epochs -1), whatever this machine's step rate is.
+        nonfinite_loss: on a NaN/inf training loss, "error" stops the run naming the step and learning rate;
+            "skip" skips the batch (counted in train/nonfinite_skipped).
 
     Example:
         >>> module = Segmenter(Backbone(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2),
@@ -64,17 +71,19 @@ class Segmenter(TaskCheckpoints, L.LightningModule):
                  image_size: PositiveInt | None = None, ignore_index: int = 255,
                  class_weights: list[float] | None = None, window: PositiveInt | None = None,
                  stride: PositiveInt | None = None, lr: PositiveFloat = 1e-3, weight_decay: NonNegativeFloat = 0.05,
-                 warmup_epochs: NonNegativeFloat = 1.0, min_lr_ratio: Fraction = 0.01):
+                 warmup_epochs: NonNegativeFloat = 1.0, min_lr_ratio: Fraction = 0.01,
+                 ema_decay: OpenUnitInterval | None = None, schedule: Literal["epochs", "budget"] = "epochs",
+                 nonfinite_loss: Literal["error", "skip"] = "error"):
         super().__init__()
-        (head_channels, image_size, window, stride, lr, weight_decay, warmup_epochs, min_lr_ratio) = plain(
-            head_channels, image_size, window, stride, lr, weight_decay, warmup_epochs, min_lr_ratio)
+        (head_channels, image_size, window, stride, lr, weight_decay, warmup_epochs, min_lr_ratio, ema_decay) = plain(
+            head_channels, image_size, window, stride, lr, weight_decay, warmup_epochs, min_lr_ratio, ema_decay)
         class_weights = [float(w) for w in class_weights] if class_weights is not None else None
         self.backbone = Backbone.from_value(backbone)
         backbone = self.backbone.as_dict()  # checkpoints hold plain values (read with weights_only=True)
         self.save_hyperparameters()
         _check_args(num_classes=num_classes, class_names=class_names, head=head, ignore_index=ignore_index,
                     class_weights=class_weights, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-                    min_lr_ratio=min_lr_ratio)
+                    min_lr_ratio=min_lr_ratio, ema_decay=ema_decay, schedule=schedule, nonfinite_loss=nonfinite_loss)
         self.class_names = list(class_names) if class_names is not None else None
         self.ignore_index = ignore_index
         # Built (and pretrained weights read) here: a resumed .ckpt is restored after __init__ and must win.
@@ -113,8 +122,7 @@ class Segmenter(TaskCheckpoints, L.LightningModule):
         images, masks = batch
         loss = self.loss(self(images), masks)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss at step {self.global_step}; lower model.lr or raise "
-                                     f"model.warmup_epochs")
+            return self.nonfinite(loss, batch_idx)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(images))
         return loss
 
@@ -172,8 +180,7 @@ class Segmenter(TaskCheckpoints, L.LightningModule):
         hp = self.hparams
         groups = scaled_param_groups(self, hp.lr, hp.weight_decay, self.backbone.layer_decay)
         optimizer = torch.optim.AdamW(groups, lr=hp.lr)
-        schedule = epoch_warmup_cosine(optimizer, self.trainer, hp.warmup_epochs, hp.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_config(optimizer)}
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def checkpoint_backbone(self):
@@ -211,10 +218,11 @@ def write_iou_report(matrix: torch.Tensor, class_names: list[str] | None, path) 
 
 
 def _check_args(*, num_classes, class_names, head, ignore_index, class_weights, lr, weight_decay, warmup_epochs,
-                min_lr_ratio) -> None:
+                min_lr_ratio, ema_decay, schedule, nonfinite_loss) -> None:
     problems = range_problems("model", {"lr": (PositiveFloat, lr), "weight_decay": (NonNegativeFloat, weight_decay),
                                         "warmup_epochs": (NonNegativeFloat, warmup_epochs),
                                         "min_lr_ratio": (Fraction, min_lr_ratio)})
+    problems += training_feature_problems(schedule=schedule, ema_decay=ema_decay, nonfinite_loss=nonfinite_loss)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         problems.append(f"model.num_classes: expected a positive integer, got {num_classes!r}")
     else:
