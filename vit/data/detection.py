@@ -20,13 +20,13 @@ import lightning as L
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..utils.ranges import Fraction, NonNegativeInt, PositiveInt, plain, range_problems
 from .boxes import BadAnnotation, BadAnnotationError, DetectionRecord  # noqa: F401  (re-exported)
 from .coco import coco_records, read_coco, write_coco  # noqa: F401  (write_coco: re-exported)
 from .images import SkipLog, first_decodable, load_image
-from .sampling import EpochSampler, process_share, seed_transform, split_index, training_position
+from .sampling import ResumableLoaders, seed_transform, split_index
 from .shapes import SHAPES_CLASSES, make_shapes
 from .voc import voc_as_coco, voc_class_names
 from .yolo import yolo_as_coco, yolo_class_names
@@ -139,7 +139,7 @@ def detection_collate(batch):
 
 
 # ---- the data module ---------------------------------------------------------------------------------------
-class DetectionDataModule(L.LightningDataModule):
+class DetectionDataModule(ResumableLoaders, L.LightningDataModule):
     """Images with boxes for object detection: ``shapes`` (synthetic, in memory, seeded) or ``coco`` (a folder).
 
     Targets: ``boxes`` float32 xyxy pixels, ``labels`` int64 in 0..K-1 (no background offset: the detector adds
@@ -204,7 +204,6 @@ class DetectionDataModule(L.LightningDataModule):
         self.skipped_annotations: list[BadAnnotation] = []
         self.clipped_annotations: list[BadAnnotation] = []
         self._categories: list[dict] | None = None
-        self._resume_at: tuple[int, int] | None = None  # (epoch, batches done) from a resumed checkpoint
         if dataset == "coco":
             data = json.loads(self._annotation_file("train").read_text(encoding="utf-8"))
             self._categories = sorted(data.get("categories", []), key=lambda c: c["id"])
@@ -321,36 +320,8 @@ class DetectionDataModule(L.LightningDataModule):
                           f"(first: {clipped[0].problem}){where}", stacklevel=3)
         return run_dir / "skipped_images.tsv" if run_dir else None
 
-    # ---- loaders ---------------------------------------------------------------------------------
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        # shuffle order and augmentation are functions of (seed, epoch, position), as in ImageDataModule
-        sampler = EpochSampler(len(dataset), self.seed, **self._process_share()) if shuffle else None
-        if sampler is not None and self._resume_at is not None:  # a resumed run skips what it has trained on
-            sampler.start_at(self._resume_at[0], self._resume_at[1] * self.batch_size)
-            self._resume_at = None
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=detection_collate, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(self.seed))
-
-    def _process_share(self) -> dict:
-        return process_share(self)
-
-    # ---- resuming (as ImageDataModule: the position in the data is saved in every checkpoint) ----------------
-    def state_dict(self) -> dict:
-        return training_position(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        if state:
-            self._resume_at = (int(state["epoch"]), int(state["batches_done"]))
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+    def collate(self):
+        return detection_collate
 
 
 def _check_args(*, dataset, root, img_size, batch_size, num_workers, num_images, val_fraction, test_fraction,

@@ -91,3 +91,42 @@ def training_position(datamodule) -> dict:
     if done >= trainer.num_training_batches:
         epoch, done = epoch + 1, 0
     return {"epoch": int(epoch), "batches_done": int(done)}
+
+
+class ResumableLoaders:
+    """Loaders for a data module with ``train_set``, ``val_set``, ``test_set``, ``seed``, ``batch_size`` and
+    ``num_workers`` (mixed in before ``LightningDataModule``; the subclass gives ``collate()``): the training
+    order and augmentation are functions of (seed, epoch, position), each process takes its own equal share, and
+    the position in the data is saved in every checkpoint so that a resumed run continues where it stopped."""
+
+    _resume_at: tuple[int, int] | None = None  # (epoch, batches done) from a resumed checkpoint
+
+    def collate(self):
+        raise NotImplementedError
+
+    def _loader(self, dataset, shuffle: bool):
+        import torch
+        from torch.utils.data import DataLoader
+        sampler = EpochSampler(len(dataset), self.seed, **process_share(self)) if shuffle else None
+        if sampler is not None and self._resume_at is not None:  # a resumed run skips what it has trained on
+            sampler.start_at(self._resume_at[0], self._resume_at[1] * self.batch_size)
+            self._resume_at = None
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          collate_fn=self.collate(), persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(self.seed))
+
+    def state_dict(self) -> dict:
+        return training_position(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self._resume_at = (int(state["epoch"]), int(state["batches_done"]))
+
+    def train_dataloader(self):
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self):
+        return self._loader(self.test_set, shuffle=False)

@@ -18,13 +18,13 @@ import lightning as L
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..utils.ranges import Fraction, NonNegativeFloat, NonNegativeInt, PositiveInt, plain, range_problems
 from .images import SkipLog, first_decodable
 from .masks import (DEFAULT_SPLIT_NAMES, READERS, BadSampleError, SegmentationSample,  # noqa: F401  (re-exported)
                     load_sample, split_exists)
-from .sampling import EpochSampler, process_share, seed_transform, split_index, training_position
+from .sampling import ResumableLoaders, seed_transform, split_index
 from .shapes import SHAPES_SEGMENTATION_CLASSES, make_shape_masks
 
 SPLITS = ("train", "val", "test")
@@ -141,7 +141,7 @@ class PadCollate:
 
 
 # ---- the data module ---------------------------------------------------------------------------------------
-class SegmentationDataModule(L.LightningDataModule):
+class SegmentationDataModule(ResumableLoaders, L.LightningDataModule):
     """Images with per-pixel labels for semantic segmentation.
 
     Layouts (``data.root``): ``folder``: ``images/<split>/*`` with ``masks/<split>/<stem>.png`` (single-channel index
@@ -212,7 +212,6 @@ class SegmentationDataModule(L.LightningDataModule):
                             else READERS[dataset][0](self.root))
         if not self.class_names:
             raise ValueError(f"data.root: no class names found for the {dataset} folder {self.root}")
-        self._resume_at: tuple[int, int] | None = None  # (epoch, batches done) from a resumed checkpoint
         self.train_set: SegmentationDataset | None = None
         self.val_set: SegmentationDataset | None = None
         self.test_set: SegmentationDataset | None = None
@@ -270,31 +269,8 @@ class SegmentationDataModule(L.LightningDataModule):
         return splits
 
     # ---- loaders ---------------------------------------------------------------------------------
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        # shuffle order and augmentation are functions of (seed, epoch, position), as in the other data modules
-        sampler = EpochSampler(len(dataset), self.seed, **process_share(self)) if shuffle else None
-        if sampler is not None and self._resume_at is not None:  # a resumed run skips what it has trained on
-            sampler.start_at(self._resume_at[0], self._resume_at[1] * self.batch_size)
-            self._resume_at = None
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=PadCollate(self.ignore_index), persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(self.seed))
-
-    def state_dict(self) -> dict:
-        return training_position(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        if state:
-            self._resume_at = (int(state["epoch"]), int(state["batches_done"]))
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+    def collate(self):
+        return PadCollate(self.ignore_index)
 
 
 def _carve(samples: list, seed: int, n_val: int, n_test: int) -> dict[str, list]:

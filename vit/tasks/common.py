@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..models.vision import VisionTransformer
-from ..training.optim import TimeBudgetCosine, epoch_warmup_cosine
+from ..training.optim import TimeBudgetCosine, epoch_warmup_cosine, scaled_param_groups
 from ..utils.ranges import OpenUnitInterval, range_problems
 from .backbone import OVERRIDE_FIELDS
 
@@ -98,6 +98,14 @@ class TrainingFeatures:
 
     nonfinite_skipped = 0  # batches skipped for a NaN/inf loss (nonfinite_loss: skip)
     _validation_seconds = 0.0  # the last validation's duration (schedule: budget keeps room for it)
+
+    def configure_optimizers(self):
+        """AdamW over ``scaled_param_groups`` (layer decay, no weight decay on embeddings, norms and biases) with
+        ``lr_scheduler_config``'s schedule."""
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(scaled_param_groups(self, hp.lr, hp.weight_decay, self.backbone.layer_decay),
+                                      lr=hp.lr)
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_config(optimizer)}
 
     def lr_scheduler_config(self, optimizer) -> dict[str, Any]:
         """The ``lr_scheduler`` entry of ``configure_optimizers``: stepped every optimizer step."""

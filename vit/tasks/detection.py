@@ -15,7 +15,6 @@ from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign
 
-from ..training.optim import scaled_param_groups
 from ..utils.ranges import (
     Fraction,
     NonNegativeFloat,
@@ -198,12 +197,6 @@ class ObjectDetector(TaskCheckpoints, TrainingFeatures, L.LightningModule):
         ids = {f"detector.backbone.{n}": i for n, i in self.detector.backbone.layer_ids().items()}
         top = max(ids.values(), default=0)
         return {n: ids.get(n, top) for n, _ in self.named_parameters()}
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        groups = scaled_param_groups(self, hp.lr, hp.weight_decay, self.backbone.layer_decay)
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr)
-        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_config(optimizer)}
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def checkpoint_backbone(self):

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from ..training.callbacks import run_dir
-from ..training.optim import scaled_param_groups
 from ..utils.ranges import (Fraction, NonNegativeFloat, OpenUnitInterval, PositiveFloat, PositiveInt, plain,
                            range_problems)
 from .backbone import Backbone
@@ -175,12 +174,6 @@ class Segmenter(TaskCheckpoints, TrainingFeatures, L.LightningModule):
         ids = {f"model.vit.{n}": i for n, i in self.model.vit.layer_ids().items()}
         top = max(ids.values(), default=0) + 1
         return {n: ids.get(n, top) for n, _ in self.named_parameters()}
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        groups = scaled_param_groups(self, hp.lr, hp.weight_decay, self.backbone.layer_decay)
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr)
-        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_config(optimizer)}
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def checkpoint_backbone(self):
