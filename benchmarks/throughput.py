@@ -296,8 +296,25 @@ def bench_grad_checkpointing(name: str, args, device: torch.device) -> list[dict
         with PeakMemory(device) as mem:
             seconds = _timed(lambda: _train(c, x, y, device, args.precision), device)
         rows.append(dict(model=name if not args.tiny else "tiny", checkpointing=enabled, batch=batch,
-                         mem=mem.peak, ips=batch / seconds))
+                         mem=mem.peak, ips=batch / seconds, saved=saved_for_backward(model, x)))
     return rows
+
+
+def saved_for_backward(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd keeps from one forward pass for the backward pass: an exact count, unlike peak memory, which
+    the allocator's caching and other processes blur (checkpointed blocks keep only their inputs)."""
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = model(x)
+    out.float().sum().backward()
+    model.zero_grad(set_to_none=True)
+    return total
 
 
 def _config_of(model: VisionTransformer) -> dict:

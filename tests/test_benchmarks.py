@@ -38,7 +38,8 @@ def test_throughput_tiny_mode_prints_every_table(throughput, capsys):
     assert {(r["impl"], r["mode"]) for r in rows} == {(i, m) for i in ("ours", "timm") for m in ("infer", "train")}
     assert all(r["ips"] > 0 for r in rows)
     assert [r["checkpointing"] for r in ckpt_rows] == [False, True]
-    assert ckpt_rows[1]["mem"] < ckpt_rows[0]["mem"]  # checkpointing lowers the step's peak memory
+    # checkpointing keeps less for backward (exact bytes; the tiny model's peak RSS is within allocator noise)
+    assert ckpt_rows[1]["saved"] < ckpt_rows[0]["saved"] / 2
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(distilled=True), dict(class_token=False, global_pool="avg")])
