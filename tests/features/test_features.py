@@ -328,7 +328,7 @@ def test_auto_never_picks_bf16_where_it_is_not_native(tmp_path, monkeypatch, cap
 
 
 def test_several_devices_run_eager_in_lightning_and_refuse_other_backends():
-    from vit.features.extract import embedding_runner, one_cpu_process
+    from vit.features.running import embedding_runner, one_cpu_process
     model = vit.VisionTransformer(**{**SMALL, "num_classes": 0})
     assert one_cpu_process({"accelerator": "cpu", "devices": 1}) and not one_cpu_process({"accelerator": "cpu",
                                                                                            "devices": 2})

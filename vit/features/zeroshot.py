@@ -168,7 +168,8 @@ def classify_images(model: ImageTextModel, images: str | os.PathLike | Sequence,
     logged as one line through ``log`` (default stderr)."""
     from ..deploy.runners import create_runner
     from .backbone import Embedder
-    from .extract import ImageFiles, calibration_batch, collect_images, first_images
+    from .extract import ImageFiles, collect_images
+    from .running import calibration_batch, first_images
 
     samples, folder_classes, skipped = collect_images(images, on_bad_image)
     labels = [label for _, label in samples]
