@@ -344,3 +344,59 @@ def test_predict_cli_errors_are_one_line(digit_files, tmp_path, monkeypatch, cap
     err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("runner: ")]
     assert len(err) == 3 and all(line.startswith("error: ") for line in err)
     assert "bad.png" in err[0] and "onnxruntime: not installed" in err[1] and "--batch-size" in err[2]
+
+
+# ---- embeddings: compare="cosine" on an Embedder (backbone + pool) -------------------------------------------------
+def test_cosine_verification_refuses_a_broken_embedder_in_one_line(trained, monkeypatch, tmp_path):
+    from vit.features.backbone import Embedder
+    model, x, _ = trained
+    embedder = Embedder(model, "avg")
+    noise = lambda model, precision, **_: inference.Runner("onnxruntime", precision, model,  # noqa: E731
+                                                           lambda images: torch.randn(len(images), 32))
+    monkeypatch.setitem(inference._BUILDERS, "onnxruntime", noise)
+    with pytest.raises(VerificationError, match=r"onnxruntime fp32: cosine similarity >= 0.9999 with eager fp32 on "
+                                                r"only 0 of 8 probe images, needs all \(lowest cosine"):
+        create_runner(embedder, "onnxruntime", "fp32", probe=x[:8], compare="cosine")
+    with pytest.raises(VerificationError, match="cosine similarity >= 0.99 with eager fp32 on only 0 of 8"):
+        create_runner(embedder, "onnxruntime", "int8", probe=x[:8], compare="cosine")
+    order = save_order([("onnxruntime", "fp32"), ("eager", "fp32")], path=tmp_path / "order.json")
+    notes = []
+    runner = create_runner(embedder, "auto", probe=x[:16], order_file=order, log=notes.append, compare="cosine")
+    assert runner.name == "eager fp32" and len(notes) == 2 and notes[1].startswith("runner: eager fp32 (auto: ")
+    assert re.fullmatch(r"note: onnxruntime fp32: cosine similarity >= 0.9999 with eager fp32 on only 0 of 16 probe "
+                        r"images, needs all \(lowest cosine -?[0-9.]+, max \|output difference\| [0-9.]+\); trying "
+                        r"eager fp32", notes[0]) and "top-1" not in notes[0]
+    with pytest.raises(ValueError, match="compare: expected one of top1, cosine"):
+        create_runner(embedder, "eager", "fp32", compare="l2")
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("pool", ["cls", "avg", "tokens"])
+def test_embedders_export_and_match_eager_by_cosine(trained, tmp_path, backend, pool):
+    pytest.importorskip(backend, reason=f"the {backend} extra is not installed")
+    from vit.features.backbone import Embedder
+    model, x, _ = trained
+    embedder = Embedder(model, pool)
+    runner = create_runner(embedder, backend, "fp32", probe=x[:16], cache_dir=tmp_path, compare="cosine")
+    assert runner.name == f"{backend} fp32" and runner.cosine >= inference.FP32_COSINE
+    with torch.no_grad():
+        want = embedder(x[:40])
+    got = runner(x[:40])
+    assert got.shape == want.shape == ((40, 32) if pool != "tokens" else (40, 16, 32))
+    assert inference.cosine_similarities(got, want).min() > 0.9999 and (got - want).abs().max() < 1e-4
+
+
+def test_an_embedder_never_shares_the_classifier_s_cached_export(trained, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from vit.features.backbone import Embedder
+    model, x, _ = trained
+    keys = {inference.weights_key(model), *(inference.weights_key(Embedder(model, pool)) for pool in ("cls", "avg",
+                                                                                                       "tokens"))}
+    assert len(keys) == 4  # the classifier and each pool: four files
+    assert "pool='avg'" in repr(Embedder(model, "avg").config) and repr(model.config) in repr(Embedder(model).config)
+    classifier = create_runner(model, "onnxruntime", "fp32", cache_dir=tmp_path)
+    embedder = create_runner(Embedder(model, "cls"), "onnxruntime", "fp32", cache_dir=tmp_path, compare="cosine")
+    assert classifier.path != embedder.path and classifier(x[:2]).shape == (2, 10) and embedder(x[:2]).shape == (2, 32)
+    # eager int8 quantises the wrapped blocks' linear layers too
+    quantized = create_runner(Embedder(model, "avg"), "eager", "int8", probe=x[:16], compare="cosine")
+    assert 0 < quantized.max_diff and quantized.cosine > 0.99

@@ -190,15 +190,19 @@ def test_embed_writes_paths_labels_and_skips_unreadable_images(tmp_path, monkeyp
     out = tmp_path / "out" / "feats.safetensors"
     with pytest.warns(UserWarning, match="skipped 2 unreadable"):
         code = main([str(root), "--checkpoint", str(small_backbone(tmp_path / "bb")), "--out", str(out),
-                     "--pool", "avg", "--img-size", "24", "--batch-size", "2", "--no-progress", "--accelerator", "cpu"])
+                     "--pool", "avg", "--img-size", "24", "--batch-size", "2", "--no-progress", "--accelerator", "cpu",
+                     "--backend", "eager", "--precision", "fp32"])
     assert code == 0
-    assert "wrote 5 embeddings of shape (32,) (avg, 2 classes)" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "wrote 5 embeddings of shape (32,) (avg, 2 classes)" in printed.out
+    assert [line for line in printed.err.splitlines() if line.startswith("runner:")] == ["runner: eager fp32 (as asked)"]
     feats = Features.load(out)
     names = [f"{Path(p).parent.name}/{Path(p).name}" for p in feats.paths]
     assert names == ["cat/0.png", "cat/1.png", "cat/2.png", "dog/0.png", "dog/2.png"]
     assert feats.labels.tolist() == [0, 0, 0, 1, 1] and feats.class_names == ["cat", "dog"]
     assert sorted(Path(p).name for p, _ in feats.skipped) == ["1.png", "empty.png"]  # recorded in the file too
     assert feats.meta["img_size"] == [24, 24] and feats.meta["pool"] == "avg" and feats.meta["mean"] == [0.5] * 3
+    assert feats.meta["runner"] == "eager fp32"
     skipped = (out.parent / "feats.skipped.tsv").read_text().splitlines()
     assert sorted(line.split("\t")[0].rsplit("/", 2)[-2] + "/" + line.split("\t")[0].rsplit("/", 1)[-1]
                   for line in skipped) == ["cat/empty.png", "dog/1.png"]
@@ -239,12 +243,15 @@ def test_embed_with_two_ddp_processes_yields_every_image_exactly_once(tmp_path):
                           env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("wrote 15 embeddings") == 1  # printed once, by rank 0
+    # two processes: Lightning runs the model eagerly, and says so once
+    assert [line for line in proc.stderr.splitlines() if line.startswith("runner:")] == [
+        "runner: eager fp32 (auto: accelerator cpu, devices 2, run by Lightning)"]
     merged = Features.load(out)
     every = sorted(str(p) for p in root.rglob("*.png"))
     assert merged.meta["images_per_rank"] == [8, 7]  # each rank embedded its share...
     assert merged.paths == every  # ...and the merge holds each image exactly once, in input order
     assert [p.name for p in tmp_path.iterdir() if ".part" in p.name] == []  # the ranks' parts merged and removed
-    alone = extract_features(str(bb), str(root), accelerator="cpu")
+    alone = extract_features(str(bb), str(root), accelerator="cpu", backend="eager", precision="fp32")
     assert alone.paths == merged.paths and torch.allclose(alone.features, merged.features, atol=1e-5)
     assert merged.labels.tolist() == alone.labels.tolist() == [0] * 5 + [1] * 5 + [2] * 5
 
@@ -268,3 +275,126 @@ def test_search_finds_the_query_itself_first(tmp_path, capsys):
     extract_features(str(bb), str(root), pool="tokens", out=tmp_path / "tokens.safetensors", accelerator="cpu")
     assert main([query, "--index", str(tmp_path / "tokens.safetensors")]) == 2
     assert "per-token features" in capsys.readouterr().err
+
+
+# ---- every feature command on create_runner ------------------------------------------------------------------------
+RUNNER_LINE = r"runner: (eager|compile|onnxruntime|openvino) (fp32|bf16|int8) \((as asked|auto: .*)\)"
+
+
+def _runner_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("runner:")]
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1)).min())
+
+
+def test_embed_prints_its_runner_once_and_onnxruntime_matches_eager(tmp_path, capsys):
+    import re
+
+    from vit.commands.embed import main
+    pytest.importorskip("onnxruntime")
+    root = write_image_folder(tmp_path / "images", per_class=4, size=16, splits=("",))
+    bb = str(small_backbone(tmp_path / "bb"))
+    feats = {}
+    for name, flags in (("eager", ["--backend", "eager", "--precision", "fp32"]), ("ort", ["--backend", "onnxruntime"]),
+                        ("auto", [])):
+        out = tmp_path / f"{name}.safetensors"
+        assert main([str(root), "--checkpoint", bb, "--out", str(out), "--no-progress", "--accelerator", "cpu",
+                     *flags]) == 0
+        lines = _runner_lines(capsys.readouterr().err)
+        assert len(lines) == 1 and re.fullmatch(RUNNER_LINE, lines[0]), lines
+        feats[name] = Features.load(out)
+        assert feats[name].meta["runner"] == " ".join(lines[0].split()[1:3])
+    assert _runner_lines(f"runner: {feats['eager'].meta['runner']}") == ["runner: eager fp32"]
+    assert feats["ort"].meta["runner"] == "onnxruntime fp32"
+    assert _cosine(feats["ort"].features, feats["eager"].features) > 0.999
+    assert _cosine(feats["auto"].features, feats["eager"].features) > 0.99
+
+
+def test_auto_never_picks_bf16_where_it_is_not_native(tmp_path, monkeypatch, capsys):
+    from vit.commands.embed import main
+    from vit.deploy import runners
+    monkeypatch.setattr(runners, "native_bf16", lambda device: (False, "mocked CPU"))
+    root = write_image_folder(tmp_path / "images", per_class=2, size=16, splits=("",))
+    out = tmp_path / "f.safetensors"
+    assert main([str(root), "--checkpoint", str(small_backbone(tmp_path / "bb")), "--out", str(out), "--no-progress",
+                 "--accelerator", "cpu"]) == 0
+    lines = _runner_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "bf16" not in lines[0] and "bf16" not in Features.load(out).meta["runner"]
+    assert main([str(root), "--checkpoint", str(small_backbone(tmp_path / "bb")), "--out", str(out), "--no-progress",
+                 "--accelerator", "cpu", "--precision", "bf16"]) == 2
+    assert "precision bf16: not native here (mocked CPU)" in capsys.readouterr().err
+
+
+def test_several_devices_run_eager_in_lightning_and_refuse_other_backends():
+    from vit.features.running import embedding_runner, one_cpu_process
+    model = vit.VisionTransformer(**{**SMALL, "num_classes": 0})
+    assert one_cpu_process({"accelerator": "cpu", "devices": 1}) and not one_cpu_process({"accelerator": "cpu",
+                                                                                           "devices": 2})
+    notes = []
+    assert embedding_runner(model, "cls", None, log=notes.append,
+                            trainer_options={"accelerator": "cpu", "devices": 2}) is None
+    assert notes == ["runner: eager fp32 (auto: accelerator cpu, devices 2, run by Lightning)"]
+    with pytest.raises(ValueError, match="--backend onnxruntime: runs in one process on the CPU only"):
+        embedding_runner(model, "cls", None, backend="onnxruntime", trainer_options={"accelerator": "cpu",
+                                                                                     "devices": 2})
+
+
+def test_probe_prints_one_runner_line_per_backbone_and_onnxruntime_matches_eager(tmp_path, monkeypatch, capsys):
+    import re
+
+    import vit.features.compare as compare
+    from vit.commands.probe import main
+    pytest.importorskip("onnxruntime")
+    root = write_image_folder(tmp_path / "images", per_class=6, size=16)
+    bb = str(small_backbone(tmp_path / "bb"))
+    extracted = []
+
+    def recording(*args, **kwargs):
+        extracted.append(extract_features(*args, **kwargs))
+        return extracted[-1]
+
+    monkeypatch.setattr(compare, "extract_features", recording)
+    for flags in (["--backend", "eager", "--precision", "fp32"], ["--backend", "onnxruntime"]):
+        assert main(["--data.root", str(root), "--backbone", bb, "--out", str(tmp_path / "report"), "--k", "3",
+                     "--no-cache", "--no-progress", "--accelerator", "cpu", *flags]) == 0
+        lines = _runner_lines(capsys.readouterr().err)
+        assert len(lines) == 1 and re.fullmatch(RUNNER_LINE, lines[0]) and flags[1] in lines[0], lines
+    assert [f.meta["runner"] for f in extracted] == ["eager fp32"] * 2 + ["onnxruntime fp32"] * 2  # train, val
+    for eager, ort in zip(extracted[:2], extracted[2:]):
+        assert eager.paths == ort.paths and _cosine(ort.features, eager.features) > 0.999
+    # from the cache: no runner built, the result says which runner made the features
+    options = dict(cache_dir=tmp_path / "cache", accelerator="cpu", k=3, backend="eager", precision="fp32")
+    train = [(str(p), int(p.parent.name == "dog")) for p in sorted((root / "train").rglob("*.png"))]
+    val = [(str(p), int(p.parent.name == "dog")) for p in sorted((root / "val").rglob("*.png"))]
+    probe_backbone(bb, train, val, ["cat", "dog"], **options)
+    capsys.readouterr()
+    again = probe_backbone(bb, train, val, ["cat", "dog"], **options)
+    assert again.cached and again.runner == "eager fp32" and _runner_lines(capsys.readouterr().err) == []
+
+
+def test_search_prints_its_runner_once_and_onnxruntime_matches_eager(tmp_path, capsys):
+    import re
+
+    from vit.commands.search import main
+    from vit.features.search import embed_query
+    pytest.importorskip("onnxruntime")
+    root = write_image_folder(tmp_path / "images", per_class=4, size=16, splits=("",))
+    bb = small_backbone(tmp_path / "bb", seed=1)
+    index = tmp_path / "feats.safetensors"
+    extract_features(str(bb), str(root), out=index, accelerator="cpu", backend="eager", precision="fp32")
+    capsys.readouterr()
+    query = str(root / "cat" / "1.png")
+    meta = Features.load(index).meta
+    eager = embed_query(meta, query, backend="eager", precision="fp32", log=lambda line: None)
+    notes = []
+    ort = embed_query(meta, query, backend="onnxruntime", probe_paths=Features.load(index).paths, log=notes.append)
+    assert len(notes) == 1 and re.fullmatch(RUNNER_LINE, notes[0]) and notes[0].startswith("runner: onnxruntime fp32")
+    assert _cosine(ort, eager) > 0.999
+    for flags in (["--backend", "eager", "--precision", "fp32"], ["--backend", "onnxruntime"], []):
+        assert main([query, "--index", str(index), "--k", "2", "--out", str(tmp_path / "n.png"), *flags]) == 0
+        printed = capsys.readouterr()
+        lines = _runner_lines(printed.err)
+        assert len(lines) == 1 and re.fullmatch(RUNNER_LINE, lines[0]), lines
+        assert printed.out.splitlines()[0].split("\t")[2] == query

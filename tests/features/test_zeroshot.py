@@ -81,8 +81,9 @@ def _hand_accuracy(reference, folder, class_names):
 def test_vit_zeroshot_on_a_labelled_folder(clip_dir, tmp_path, capsys):
     root, reference = clip_dir
     folder = write_image_folder(tmp_path / "images", classes=CLASSES, per_class=4, size=40, splits=("",))
+    # fp32 (on whichever backend auto finds fastest here): compared with open_clip's own answers, so no bf16 near ties
     code = main(["zeroshot", str(folder), "--checkpoint", str(root), "--templates", "simple", "--topk", "2",
-                 "--out", str(tmp_path / "out")])
+                 "--out", str(tmp_path / "out"), "--precision", "fp32"])
     out = capsys.readouterr().out
     assert code == 0
     expected, predictions = _hand_accuracy(reference, folder, CLASSES)
@@ -156,7 +157,7 @@ def test_search_by_text_in_the_joint_space(clip_dir, tmp_path, capsys):
     folder = write_image_folder(tmp_path / "images", classes=CLASSES, per_class=3, size=40, splits=("",))
     index = tmp_path / "feats.safetensors"
     assert main(["embed", str(folder), "--checkpoint", str(root), "--pool", "proj", "--out", str(index),
-                 "--no-progress"]) == 0
+                 "--no-progress", "--precision", "fp32"]) == 0  # compared with open_clip's to 1e-4 below
     capsys.readouterr()
     feats = Features.load(index)
     transform = eval_transform(32, [0.5] * 3, [0.5] * 3)
@@ -197,3 +198,29 @@ def test_pool_proj_needs_a_text_tower(tmp_path):
     vit.save_pretrained(model, tmp_path / "vit")
     with pytest.raises(vit.CheckpointError, match="no text tower found"):
         extract_features(str(tmp_path / "vit"), str(folder), pool="proj", accelerator="cpu")
+
+
+# ---- the image tower on create_runner ------------------------------------------------------------------------------
+def test_zeroshot_prints_its_runner_once_and_onnxruntime_matches_eager(clip_dir, tmp_path, capsys):
+    import re
+    pytest.importorskip("onnxruntime")
+    root, _ = clip_dir
+    folder = write_image_folder(tmp_path / "images", classes=CLASSES, per_class=2, size=40, splits=("",))
+    model = vit.load_image_text(root)
+    weights = zeroshot_classifier(model, CLASSES, "simple")
+    eager = classify_images(model, folder, weights, CLASSES, backend="eager", precision="fp32", log=lambda line: None)
+    notes = []
+    ort = classify_images(model, folder, weights, CLASSES, backend="onnxruntime", precision="fp32", log=notes.append)
+    assert notes == ["runner: onnxruntime fp32 (as asked)"] and ort.files == eager.files
+    assert (ort.probabilities - eager.probabilities).abs().max() < 1e-4
+    with torch.no_grad():  # the runner's image tower is the model's own encode_image
+        from vit.features.backbone import Embedder
+        images = torch.stack([eval_transform(32, [0.5] * 3, [0.5] * 3)(image=load_image(p, 3))["image"]
+                              for p in eager.files])
+        assert torch.allclose(Embedder(model.visual, "proj")(images), model.encode_image(images), atol=1e-6)
+    for flags in (["--backend", "eager", "--precision", "fp32"], ["--backend", "onnxruntime"], []):
+        assert main(["zeroshot", str(folder), "--checkpoint", str(root), "--templates", "simple",
+                     "--out", str(tmp_path / "out"), *flags]) == 0
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("runner:")]
+        assert len(lines) == 1 and re.fullmatch(r"runner: \w+ (fp32|bf16|int8) \((as asked|auto: .*)\)", lines[0])
+        assert flags[1:2] in ([], [lines[0].split()[1]])

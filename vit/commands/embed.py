@@ -1,12 +1,15 @@
 """Embeddings of a folder, a list or a single image, written with their paths (and labels) to one file.
 
     vit embed IMAGES... --checkpoint SRC --out feats.safetensors [--pool cls|avg|map|tokens|proj]
-                        [--img-size N] [--batch-size B] [--devices N]
+                        [--img-size N] [--batch-size B] [--devices N] [--backend auto] [--precision auto]
 
 SRC is anything ``vit.load_pretrained`` reads, a registered name (its pretrained weights) or ``random:SRC``.
 A folder of class sub-folders (``root/<class>/...``) also stores labels and class names. The file layout is in
 ``vit.features.features``; read it back with ``vit.features.Features.load``. Runs through ``Trainer.predict``: with
-``--devices N`` each process embeds its share and writes its part, and the first merges them.
+``--devices N`` each process embeds its share and writes its part, and the first merges them. In one CPU process
+the backbone runs on the backend and precision of ``vit.deploy.runners`` (``--backend auto --precision auto``: the
+fastest here whose embeddings match eager fp32's by cosine similarity on the first images), printed as one line
+``runner: <backend> <precision> (<why>)`` on stderr.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from pathlib import Path
 
 from ..features.features import POOLS
 from ._common import CommandParser, one_line
+from ._inference import add_runner_arguments, runner_precision
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,6 +57,7 @@ def add_extraction_arguments(parser: argparse.ArgumentParser, pools=POOLS) -> No
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     parser.add_argument("--accelerator", default="auto", help="cpu, gpu, ... (default auto)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_runner_arguments(parser)  # one CPU process: the backend x precision of vit.deploy.runners
 
 
 def check_extraction_arguments(options: argparse.Namespace) -> str | None:
@@ -71,7 +76,8 @@ def check_extraction_arguments(options: argparse.Namespace) -> str | None:
 
 
 def main(args: list[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 ok, 2 for a bad backbone, image or argument).
+    """Entry point; returns the exit code (0 ok, 2 for a bad backbone, image or argument or a backend that cannot
+    run here, 1 for a backend whose embeddings differ from eager PyTorch's).
 
     Example:
         >>> main(["photos/", "--checkpoint", "my_vit/", "--out", "feats.safetensors"])  # doctest: +SKIP
@@ -87,15 +93,20 @@ def main(args: list[str] | None = None) -> int:
     from lightning.pytorch.utilities import rank_zero_only
 
     from ..checkpoints import CheckpointError
+    from ..deploy.runners import BackendError, VerificationError
     from ..features import extract_features
     try:
         result = extract_features(options.checkpoint, options.images, pool=options.pool, img_size=options.img_size,
                                   mean=options.mean, std=options.std, crop_pct=options.crop_pct,
                                   batch_size=options.batch_size,
                                   num_workers=options.num_workers, on_bad_image=options.on_bad_image, out=options.out,
-                                  progress=options.progress, accelerator=options.accelerator, devices=devices,
-                                  strategy=options.strategy)
-    except (CheckpointError, ValueError, OSError) as error:
+                                  progress=options.progress, backend=options.backend,
+                                  precision=runner_precision(options), calibration=options.calibration,
+                                  accelerator=options.accelerator, devices=devices, strategy=options.strategy)
+    except VerificationError as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 1
+    except (CheckpointError, BackendError, ValueError, OSError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     except MisconfigurationException as error:  # Lightning's word on --accelerator / --devices / --strategy

@@ -6,7 +6,9 @@ ROOT is an image folder as for training (``root/train/<class>/...`` and ``root/v
 split by ``--data.val_fraction`` and ``--data.seed``). Each SRC is anything ``vit.load_pretrained`` reads, a
 registered name (its pretrained weights) or ``random:SRC`` (SRC's shape with random weights, a baseline).
 Features are cached (see ``vit.features.cache``), so adding a backbone to the list only extracts the new one.
-Prints a table and writes ``probe.csv`` and ``probe.png`` to ``--out``.
+Prints a table and writes ``probe.csv`` and ``probe.png`` to ``--out``. Each backbone runs on the backend and
+precision of ``vit.deploy.runners`` (``--backend``, ``--precision``; auto by default), one line
+``runner: <backend> <precision> (<why>)`` per backbone extracted.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import argparse
 import sys
 
 from ._common import CommandParser, one_line
+from ._inference import runner_precision
 from .embed import add_extraction_arguments, check_extraction_arguments
 
 
@@ -42,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(args: list[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 ok, 2 for a bad folder, backbone or argument).
+    """Entry point; returns the exit code (0 ok, 2 for a bad folder, backbone or argument or a backend that cannot
+    run here, 1 for a backend whose embeddings differ from eager PyTorch's).
 
     Example:
         >>> main(["--data.root", "digits/", "--backbone", "a.ckpt", "--backbone", "random:a.ckpt"])  # doctest: +SKIP
@@ -61,9 +65,11 @@ def main(args: list[str] | None = None) -> int:
 
     from ..checkpoints import CheckpointError
     from ..data import ImageDataModule
+    from ..deploy.runners import BackendError, VerificationError
     from ..features.compare import format_table, probe_backbone, write_report
     results = []
     try:
+        precision = runner_precision(options)
         data = ImageDataModule("imagefolder", root=options.root, val_fraction=options.val_fraction,
                                seed=options.seed, on_bad_image=options.on_bad_image)
         data.setup("fit")
@@ -76,11 +82,16 @@ def main(args: list[str] | None = None) -> int:
                                     temperature=options.temperature,
                                     batch_size=options.batch_size, num_workers=options.num_workers,
                                     cache_dir=options.cache_dir, use_cache=options.use_cache,
-                                    progress=options.progress, accelerator=options.accelerator)
+                                    progress=options.progress, backend=options.backend, precision=precision,
+                                    calibration=options.calibration, accelerator=options.accelerator)
             print(f"{source}: kNN {result.knn_top1:.4f}, linear {result.linear_top1:.4f} (C={result.C:g})"
-                  + (" (features from the cache)" if result.cached else ""), file=sys.stderr)
+                  + (f" (features from the cache, made by {result.runner or 'eager fp32'})" if result.cached else ""),
+                  file=sys.stderr)
             results.append(result)
-    except (CheckpointError, ValueError, OSError) as error:
+    except VerificationError as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 1
+    except (CheckpointError, BackendError, ValueError, OSError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     except MisconfigurationException as error:  # Lightning's word on --accelerator

@@ -1,11 +1,13 @@
 """``vit zeroshot``: classify images by class names alone, with a CLIP / SigLIP checkpoint.
 
     vit zeroshot IMAGES --checkpoint SRC --classes "cat,dog,bird" | --classes-file names.txt \\
-        [--templates openai|simple|FILE] [--out DIR] [--topk 5]
+        [--templates openai|simple|FILE] [--out DIR] [--topk 5] [--backend auto] [--precision auto]
 
 Prints the top-k classes of each image and writes ``DIR/predictions.csv``. When IMAGES is a folder of class
 sub-folders, the images are labelled by folder (the class names are the folders' unless ``--classes`` says
-otherwise), and the accuracy, ``per_class.csv`` and ``confusion_matrix.png`` follow.
+otherwise), and the accuracy, ``per_class.csv`` and ``confusion_matrix.png`` follow. The image tower runs on the
+backend and precision of ``vit.deploy.runners`` (``--backend``, ``--precision``; auto by default), printed as one
+line ``runner: <backend> <precision> (<why>)`` on stderr.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import sys
 from pathlib import Path
 
 from ._common import CommandParser, one_line
+from ._inference import add_runner_arguments, runner_precision
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="zeroshot", help="folder for predictions.csv and the report (default zeroshot)")
     parser.add_argument("--topk", type=int, default=5, help="classes printed per image (default 5)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
+    add_runner_arguments(parser)
     return parser
 
 
@@ -41,7 +45,8 @@ def _folder_classes(images: list[str]) -> list[str] | None:
 
 
 def main(args: list[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 ok, 2 for a bad checkpoint, class list, template file or image).
+    """Entry point; returns the exit code (0 ok, 2 for a bad checkpoint, class list, template file or image or a
+    backend that cannot run here, 1 for a backend whose image embeddings differ from eager PyTorch's).
 
     Example:
         >>> main(["photos/", "--checkpoint", "hf-hub:openai/clip-vit-base-patch32", "--classes", "cat,dog"])  # doctest: +SKIP
@@ -54,8 +59,10 @@ def main(args: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
     from ..checkpoints import CheckpointError, load_image_text
+    from ..deploy.runners import BackendError, VerificationError
     from ..features.zeroshot import classify_images, read_class_names, read_templates, zeroshot_classifier
     try:
+        precision = runner_precision(options)
         templates = read_templates(options.templates)
         if options.classes is None and options.classes_file is None:
             class_names = _folder_classes(options.images)
@@ -69,8 +76,12 @@ def main(args: list[str] | None = None) -> int:
             raise ValueError(f"{options.checkpoint}: no tokenizer files come with these weights; put the tokenizer "
                              f"files (spiece.model, tokenizer.json) beside them")
         classifier = zeroshot_classifier(model, class_names, templates)
-        result = classify_images(model, options.images, classifier, class_names, options.batch_size)
-    except (CheckpointError, ValueError, OSError, ImportError) as error:
+        result = classify_images(model, options.images, classifier, class_names, options.batch_size,
+                                 backend=options.backend, precision=precision, calibration=options.calibration)
+    except VerificationError as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 1
+    except (CheckpointError, BackendError, ValueError, OSError, ImportError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     k = min(options.topk, len(class_names))

@@ -26,10 +26,11 @@ class VerificationError(BackendError):
 
 @dataclass
 class Runner:
-    """A model ready for inference: ``runner(images)`` -> logits (fp32). ``model`` is the eager fp32 model it was
-    built from (class names, ``img_size``, mean/std); ``agreement``/``max_diff``: top-1 agreement and max |logit
-    difference| with eager fp32 on the probe batch (None where not checked); ``path``: the file it runs (ONNX or
-    OpenVINO IR), if any."""
+    """A model ready for inference: ``runner(images)`` -> logits (fp32), or embeddings for an embedder. ``model`` is
+    the eager fp32 model it was built from (class names, ``img_size``, mean/std); ``agreement``/``max_diff``: the
+    share of probe images that agree with eager fp32 (top-1, or cosine for ``compare="cosine"``) and the max
+    |output difference| (None where not checked); ``cosine``: the lowest cosine similarity on the probe
+    (``compare="cosine"`` only); ``path``: the file it runs (ONNX or OpenVINO IR), if any."""
     backend: str
     precision: str
     model: nn.Module
@@ -38,6 +39,7 @@ class Runner:
     max_diff: float | None = None
     path: Path | None = None
     reason: str = ""  # how it was chosen: "as asked", or auto's order and where it came from
+    cosine: float | None = None
 
     @property
     def name(self) -> str:

@@ -3,6 +3,7 @@
     runner = create_runner(model)                                      # backend "auto", precision "auto"
     runner = create_runner(model, "openvino", "int8", calibration=x)   # or eager | compile | onnxruntime; fp32 | bf16
     logits = runner(images)                                            # (B, C, H, W) float -> (B, num_classes)
+    runner = create_runner(Embedder(model, "avg"), compare="cosine")   # embeddings: checked by cosine similarity
     print(runner.name, runner.reason)                                  # e.g. "openvino bf16", why it was chosen
 
 Backends (measured by ``benchmarks/inference.py``; docs/deploy.md):
@@ -25,6 +26,11 @@ is not native, and keeps the first that builds here and whose top-1 on the probe
 else seeded noise) agrees with eager fp32: on every image (fp32, or logits within 1e-3 on a tie) or on at least
 ``AUTO_MIN_AGREEMENT`` of them (bf16, int8). Each refusal is one line through ``log``. A backend and precision
 both named are checked more leniently for bf16 and int8 (``INT8_MIN_AGREEMENT``; one flip near a tie is allowed).
+
+``compare="cosine"`` is the check for a model that gives embeddings (``vit.features.Embedder``): an image agrees when
+the cosine similarity of its output with eager fp32's is at least ``COSINE_AGREEMENT`` (per-token outputs are
+flattened, one vector per image); fp32 needs every image at ``FP32_COSINE`` or outputs within 1e-3. The shares
+asked of bf16 and int8 are the same as for top-1.
 """
 from __future__ import annotations
 
@@ -51,6 +57,9 @@ from .order import candidates
 BACKENDS = ("eager", "compile", "onnxruntime", "openvino")
 AUTO_MIN_AGREEMENT = 0.99  # what "auto" asks of a bf16 or int8 candidate on the probe batch
 INT8_MIN_AGREEMENT = 0.75  # a named bf16 / int8 backend agreeing on fewer of the probe's images is broken
+COSINE_AGREEMENT = 0.99  # compare="cosine": an image's bf16 / int8 embedding agrees with fp32's at this cosine
+FP32_COSINE = 0.9999  # compare="cosine": what every image's fp32 embedding must reach (else outputs within 1e-3)
+COMPARES = ("top1", "cosine")
 PROBE_SIZE = 16
 _UNSET = object()
 
@@ -58,7 +67,8 @@ _UNSET = object()
 def create_runner(model: nn.Module, backend: str = "auto", precision: str | None = "auto", *,
                   quantize=_UNSET, probe: torch.Tensor | None = None, calibration: torch.Tensor | None = None,
                   verify: bool = True, cache_dir: str | os.PathLike | None = None, threads: int | None = None,
-                  log: Callable[[str], None] | None = None, order_file: str | os.PathLike | None = None) -> Runner:
+                  log: Callable[[str], None] | None = None, order_file: str | os.PathLike | None = None,
+                  compare: str = "top1") -> Runner:
     """The runner for ``backend`` ("auto", "eager", "compile", "onnxruntime", "openvino") and ``precision``
     ("auto", "fp32", "bf16", "int8"); ``quantize="int8"``, the old spelling, still means ``precision="int8"``.
 
@@ -79,6 +89,8 @@ def create_runner(model: nn.Module, backend: str = "auto", precision: str | None
     precision = _precision(precision, quantize)
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend: expected auto or one of {', '.join(BACKENDS)}, got {backend!r}")
+    if compare not in COMPARES:
+        raise ValueError(f"compare: expected one of {', '.join(COMPARES)}, got {compare!r}")
     log = log or (lambda message: print(message, file=sys.stderr))
     model = model.eval()
     device = device_of(model)
@@ -103,7 +115,7 @@ def create_runner(model: nn.Module, backend: str = "auto", precision: str | None
                 if reference is None:
                     with torch.inference_mode():
                         reference = model(probe)
-                _verify(runner, probe, reference, AUTO_MIN_AGREEMENT if chosen_by_auto else None)
+                _verify(runner, probe, reference, AUTO_MIN_AGREEMENT if chosen_by_auto else None, compare)
             runner.reason = reason
             log(f"runner: {runner.name} ({reason})")
             return runner
@@ -141,19 +153,33 @@ def _precision(precision: str | None, quantize) -> str:
     return precision
 
 
-def _verify(runner: Runner, probe: torch.Tensor, reference: torch.Tensor, least: float | None) -> None:
+def _verify(runner: Runner, probe: torch.Tensor, reference: torch.Tensor, least: float | None,
+            compare: str = "top1") -> None:
     """Raise VerificationError unless ``runner`` agrees with eager fp32 on the probe: fp32 on every image (or
-    logits within 1e-3, an exact tie broken the other way); bf16/int8 on ``least`` of them when given, else on
-    all but a quarter (at least one flip near a tie allowed)."""
+    outputs within 1e-3); bf16/int8 on ``least`` of them when given, else on all but a quarter (at least one
+    image allowed to differ). An image agrees by top-1, or with ``compare="cosine"`` by the cosine similarity of
+    its output (``COSINE_AGREEMENT``; fp32 ``FP32_COSINE``)."""
     try:
-        logits = runner(probe).float()
+        outputs = runner(probe).float()
     except BackendError:
         raise
     except Exception as error:  # a compiler or runtime failing on this machine: say so, let auto move on
         raise BackendError(f"{runner.name}: failed on a probe batch ({first_line(error)})"
                            f"{_COMPILER_HINT if runner.backend == 'compile' else ''}") from error
-    runner.agreement = top1_agreement(logits, reference)
-    runner.max_diff = float((logits - reference.float()).abs().max())
+    reference = reference.float()
+    if outputs.shape != reference.shape:
+        raise VerificationError(f"{runner.name}: gives outputs of shape {tuple(outputs.shape)}, eager fp32 "
+                                f"{tuple(reference.shape)}")
+    runner.max_diff = float((outputs - reference).abs().max())
+    if compare == "cosine":
+        cosine = cosine_similarities(outputs, reference)
+        runner.cosine = float(cosine.min())
+        threshold = FP32_COSINE if runner.precision == "fp32" else COSINE_AGREEMENT
+        runner.agreement = float((cosine >= threshold).float().mean())
+        measure, detail = f"cosine similarity >= {threshold:g} with eager fp32", f"lowest cosine {runner.cosine:.6f}, "
+    else:
+        runner.agreement = top1_agreement(outputs, reference)
+        measure, detail = "top-1 agrees with eager fp32", ""
     agreed = round(runner.agreement * len(probe))
     if runner.precision == "fp32":
         ok, needed = runner.agreement == 1.0 or runner.max_diff <= 1e-3, "all"
@@ -163,8 +189,23 @@ def _verify(runner: Runner, probe: torch.Tensor, reference: torch.Tensor, least:
         ok, needed = len(probe) - agreed <= max(1, int((1 - INT8_MIN_AGREEMENT) * len(probe))), \
             f"{INT8_MIN_AGREEMENT:.0%}"
     if not ok:
-        raise VerificationError(f"{runner.name}: top-1 agrees with eager fp32 on only {agreed} of {len(probe)} "
-                                f"probe images, needs {needed} (max |logit difference| {runner.max_diff:.3g})")
+        what = "logit" if compare == "top1" else "output"
+        raise VerificationError(f"{runner.name}: {measure} on only {agreed} of {len(probe)} probe images, needs "
+                                f"{needed} ({detail}max |{what} difference| {runner.max_diff:.3g})")
+
+
+def cosine_similarities(outputs: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """(B,) cosine similarity of each image's output with the reference's, outputs flattened per image (so
+    per-token embeddings (B, N, D) count as one vector each). Two zero vectors agree fully.
+
+    Example:
+        >>> cosine_similarities(torch.tensor([[1., 0.], [0., 2.]]), torch.tensor([[2., 0.], [1., 0.]])).tolist()
+        [1.0, 0.0]
+    """
+    a, b = outputs.float().flatten(1), reference.float().flatten(1)
+    cosine = torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12)
+    both_zero = (a.abs().amax(1) == 0) & (b.abs().amax(1) == 0)
+    return torch.where(both_zero, torch.ones_like(cosine), cosine)
 
 
 def _autocast(model: nn.Module, precision: str):
@@ -189,7 +230,7 @@ def quantize_linear_int8(model: nn.Module) -> nn.Module:
             warnings.simplefilter("ignore")
             from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
             names = {name: per_channel_dynamic_qconfig for name, module in model.named_modules()
-                     if isinstance(module, nn.Linear) and name.startswith("blocks.")}
+                     if isinstance(module, nn.Linear) and f".{name}".count(".blocks.")}
             return quantize_dynamic(copy.deepcopy(model).cpu().eval(), names, dtype=torch.qint8)
     except (ImportError, AttributeError, RuntimeError) as error:
         raise BackendError(f"eager int8: torch.ao dynamic quantisation is not available in torch "

@@ -2,6 +2,7 @@
 compare backbones.
 
     extract_features(backbone, images) -> Features   (features.py: the .safetensors layout)
+    Embedder(model, pool)              -> nn.Module  (backbone + pooling, for vit.deploy.runners.create_runner)
     knn_classify(train_x, train_y, x)  -> labels     (DINO: cosine, k=20, T=0.07)
     linear_probe(train_x, train_y)     -> LinearProbe (logistic regression, C tuned on the train split)
     nearest(index, queries, k)         -> scores, rows
@@ -10,7 +11,7 @@ compare backbones.
 
 Entry points: ``vit embed``, ``vit probe``, ``vit search``, ``vit zeroshot``.
 """
-from .backbone import load_backbone, pool_tokens
+from .backbone import Embedder, load_backbone, pool_tokens
 from .compare import ProbeResult, probe_backbone
 from .extract import extract_features
 from .features import Features
@@ -19,6 +20,6 @@ from .linear import LinearProbe, linear_probe
 from .search import nearest
 from .zeroshot import classify_images, zeroshot_classifier, zeroshot_probabilities
 
-__all__ = ["Features", "LinearProbe", "ProbeResult", "extract_features", "knn_classify", "linear_probe",
+__all__ = ["Embedder", "Features", "LinearProbe", "ProbeResult", "extract_features", "knn_classify", "linear_probe",
            "load_backbone", "nearest", "pool_tokens", "probe_backbone", "zeroshot_classifier", "zeroshot_probabilities",
            "classify_images"]

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from torch import nn
 
 from ..checkpoints import load_pretrained
 from ..models.vision import VisionTransformer
@@ -155,3 +157,35 @@ def pool_tokens(model: VisionTransformer, tokens: torch.Tensor, pool: str) -> to
     if model.cls_token is None:
         return model.forward_head(tokens, pre_logits=True)
     return model.fc_norm(tokens[:, 0])
+
+
+@dataclass(frozen=True)
+class EmbedderConfig:
+    """What an ``Embedder`` computes: the backbone's architecture and the pooling. Its repr is part of the export
+    cache key (``vit.deploy.common.weights_key``), so an embedder never shares an ONNX / OpenVINO file with the
+    classifier of the same weights, nor with an embedder of another pool."""
+    backbone: Any
+    pool: str
+
+
+class Embedder(nn.Module):
+    """A backbone and a pooling as one module, ``images (B, C, H, W) -> embeddings`` (``pool_tokens`` of
+    ``forward_features``), so ``vit.deploy.runners.create_runner(Embedder(model, pool), compare="cosine")`` runs
+    feature extraction on any backend. Exposes ``img_size``, ``in_chans`` and ``config`` (backbone config + pool).
+
+    Example:
+        >>> m = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3)
+        >>> embedder = Embedder(m, "avg")
+        >>> embedder(torch.zeros(2, 3, 16, 16)).shape, embedder.config.pool
+        (torch.Size([2, 32]), 'avg')
+    """
+
+    def __init__(self, model: VisionTransformer, pool: str = "cls"):
+        super().__init__()
+        check_pool(model, pool)
+        self.model, self.pool = model, pool
+        self.img_size, self.in_chans = tuple(model.img_size), model.in_chans
+        self.config = EmbedderConfig(getattr(model, "config", type(model).__name__), pool)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # named x: the ONNX exporter's dynamic batch is keyed by it
+        return pool_tokens(self.model, self.model.forward_features(x), self.pool)

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import torch
 
 from .cache import cached_features
-from .extract import extract_features
+from .extract import extract_features, samples_runner
 from .features import Features
 from .knn import knn_classify
 from .linear import linear_probe
@@ -22,8 +22,8 @@ COLUMNS = ("backbone", "knn_top1", "linear_top1", "img_per_s", "dim")
 @dataclass
 class ProbeResult:
     """One backbone's row: top-1 of kNN and of the linear probe on the evaluation split, extraction images per
-    second (train + val, from when they were extracted), embedding size, the probe's chosen ``C``, and whether
-    both splits came from the cache."""
+    second (train + val, from when they were extracted), embedding size, the probe's chosen ``C``, whether both
+    splits came from the cache, and the runner that extracted them (``meta["runner"]``)."""
 
     backbone: str
     knn_top1: float
@@ -34,6 +34,7 @@ class ProbeResult:
     cached: bool
     train_images: int
     val_images: int
+    runner: str | None = None  # the backend and precision that extracted the training features
 
 
 def probe_backbone(source: str, train: Sequence[tuple[str, int]], val: Sequence[tuple[str, int]],
@@ -42,10 +43,14 @@ def probe_backbone(source: str, train: Sequence[tuple[str, int]], val: Sequence[
                    crop_pct: float | None = None, k: int = 20,
                    temperature: float = 0.07, batch_size: int = 64, num_workers: int = 0,
                    cache_dir: str | os.PathLike | None = None, use_cache: bool = True, progress: bool = False,
+                   backend: str = "auto", precision: str = "auto",
+                   calibration: torch.Tensor | str | os.PathLike | None = None, log=None,
                    **trainer_options: Any) -> ProbeResult:
     """Extract (or read from the cache) the features of the ``train`` and ``val`` (path, label) samples with the
     backbone ``source`` (see ``load_backbone``), then score kNN (``knn_classify``) and a linear probe
-    (``linear_probe``, tuned on the training split only) on ``val``.
+    (``linear_probe``, tuned on the training split only) on ``val``. ``backend`` / ``precision`` / ``calibration``:
+    how the backbone runs (see ``extract_features``); one runner, chosen on the first training images and logged
+    once through ``log``, extracts both splits. Cached features are keyed by them too.
 
     Example:
         >>> probe_backbone("runs/vit/version_0/checkpoints/last.ckpt", train, val).knn_top1  # doctest: +SKIP
@@ -60,14 +65,19 @@ def probe_backbone(source: str, train: Sequence[tuple[str, int]], val: Sequence[
         def extract() -> Features:
             if "model" not in loaded:  # only on a cache miss, and once for both splits
                 loaded["model"] = load_backbone(source, img_size)
+                loaded["runner"] = samples_runner(loaded["model"], train, pool=pool, mean=mean, std=std,
+                                                  crop_pct=crop_pct, backend=backend, precision=precision,
+                                                  calibration=calibration, log=log, **trainer_options)
             return extract_features(loaded["model"], list(samples), pool=pool, mean=mean, std=std,
                                     crop_pct=crop_pct, batch_size=batch_size, num_workers=num_workers,
-                                    class_names=class_names, progress=progress, **trainer_options)
+                                    class_names=class_names, progress=progress, backend=backend,
+                                    precision=precision, runner=loaded["runner"], **trainer_options,
+                                    log=lambda message: None)  # samples_runner has said which runner, once
         if not use_cache:
             return extract(), False
         return cached_features(source, samples, extract, cache_dir, img_size=img_size, pool=pool,
                                crop_pct=crop_pct, mean=None if mean is None else list(mean),
-                               std=None if std is None else list(std))
+                               std=None if std is None else list(std), backend=backend, precision=precision)
 
     (train_feats, train_hit), (val_feats, val_hit) = features_of(train), features_of(val)
     if len(train_feats) == 0 or len(val_feats) == 0:
@@ -79,7 +89,7 @@ def probe_backbone(source: str, train: Sequence[tuple[str, int]], val: Sequence[
     probe = linear_probe(train_feats.features, train_feats.labels)
     linear = float((probe.predict(val_feats.features) == val_feats.labels).float().mean())
     return ProbeResult(source, knn, linear, _speed(train_feats, val_feats), train_feats.dim, probe.C,
-                       train_hit and val_hit, len(train_feats), len(val_feats))
+                       train_hit and val_hit, len(train_feats), len(val_feats), train_feats.meta.get("runner"))
 
 
 def _speed(*parts: Features) -> float | None:

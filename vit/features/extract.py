@@ -3,6 +3,10 @@
 One ``LightningModule`` (``FeatureExtractor``) and one ``BasePredictionWriter`` (``FeatureWriter``), so Lightning
 does devices, DDP and the progress bar. Under DDP each rank writes its own part file next to the output and rank 0
 merges the parts into the output (in input order, each image once) and removes them.
+
+In one process on the CPU the backbone runs through a runner of ``vit.deploy.runners`` (``create_runner`` on an
+``Embedder``, backend and precision "auto" by default, checked against eager fp32 by cosine similarity on the first
+images); on GPUs or several devices Lightning runs it eagerly, as it places and splits the work itself.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import lightning as L
 import torch
@@ -22,9 +26,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.folder import check_images, find_classes, list_images, scan_image_folder
 from ..data.images import IMAGE_EXTENSIONS, BadImageError, check_image, load_image
+from ..deploy.runners import Runner
 from ..models.vision import VisionTransformer
 from .backbone import at_image_size, check_pool, fingerprint, load_backbone, pool_tokens, preprocessing
 from .features import Features, merge
+from .running import calibration_batch, embedding_runner, first_images
 
 ON_BAD_IMAGE = ("skip", "error")
 Samples = list[tuple[str, int]]
@@ -112,16 +118,20 @@ class ImageFiles(Dataset):
 
 # ---- Lightning ---------------------------------------------------------------------------------------------
 class FeatureExtractor(L.LightningModule):
-    """A frozen backbone whose ``predict_step`` returns (embeddings, dataset index, decode errors) per batch."""
+    """A frozen backbone whose ``predict_step`` returns (embeddings, dataset index, decode errors) per batch; with a
+    ``runner`` (see ``embedding_runner``) the embeddings come from it, else from the model run eagerly."""
 
-    def __init__(self, model: VisionTransformer, pool: str = "cls"):
+    def __init__(self, model: VisionTransformer, pool: str = "cls", runner: Runner | None = None):
         super().__init__()
         check_pool(model, pool)
         self.model = model.eval().requires_grad_(False)
         self.pool = pool
+        self.runner = runner
 
     def predict_step(self, batch, batch_idx: int = 0):
         images, index, errors = batch
+        if self.runner is not None:
+            return self.runner(images), index, list(errors)
         return pool_tokens(self.model, self.model.forward_features(images), self.pool).float(), index, list(errors)
 
 
@@ -229,6 +239,30 @@ def quiet_lightning() -> Iterator[None]:
         logger.setLevel(level)
 
 
+# ---- the runner -------------------------------------------------------------------------------------------
+def samples_runner(model: VisionTransformer, samples: Sequence[tuple[str, int]], *, pool: str = "cls",
+                   mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                   crop_pct: float | None = None, backend: str = "auto", precision: str = "auto",
+                   calibration: torch.Tensor | str | os.PathLike | None = None,
+                   log: Callable[[str], None] | None = None, **trainer_options: Any) -> Runner | None:
+    """``embedding_runner`` probed on the first images of ``samples`` ((path, label) pairs), preprocessed as
+    ``extract_features`` would with the same options: build it once and pass it as ``runner=`` to several calls
+    (``probe_backbone`` does, for the training and evaluation splits)."""
+    _, transform = _preparation(model, mean, std, crop_pct)
+    dataset = ImageFiles([str(path) for path, _ in samples], transform, model.in_chans, model.img_size)
+    return embedding_runner(model, pool, first_images(dataset), backend=backend, precision=precision,
+                            calibration=calibration_batch(calibration, transform, model.in_chans), log=log,
+                            trainer_options=trainer_options)
+
+
+def _preparation(model: VisionTransformer, mean, std, crop_pct) -> tuple[dict[str, Any], Any]:
+    from ..data.transforms import eval_transform
+    if crop_pct is not None and not 0 < crop_pct <= 1:
+        raise ValueError(f"--crop-pct: expected a value in (0, 1], got {crop_pct}")
+    prep = preprocessing(model, mean, std, crop_pct)
+    return prep, eval_transform(model.img_size, prep["mean"], prep["std"], crop_pct=prep["crop_pct"])
+
+
 # ---- the one call ------------------------------------------------------------------------------------------
 def extract_features(backbone: VisionTransformer | str, images, *, pool: str = "cls",
                      img_size: int | Sequence[int] | None = None, mean: Sequence[float] | None = None,
@@ -236,6 +270,9 @@ def extract_features(backbone: VisionTransformer | str, images, *, pool: str = "
                      batch_size: int = 64, num_workers: int = 0,
                      on_bad_image: str = "skip", out: str | os.PathLike | None = None,
                      class_names: Sequence[str] | None = None, progress: bool = False,
+                     backend: str = "auto", precision: str = "auto",
+                     calibration: torch.Tensor | str | os.PathLike | None = None,
+                     log: Callable[[str], None] | None = None, runner: Runner | None = None,
                      **trainer_options: Any) -> Features:
     """Embeddings of ``images`` by a frozen ``backbone`` (a model, or any source ``load_backbone`` reads), through
     ``Trainer.predict``.
@@ -245,9 +282,16 @@ def extract_features(backbone: VisionTransformer | str, images, *, pool: str = "
     std, ``crop_pct``) unless ``img_size``/``mean``/``std``/``crop_pct`` say otherwise (a new ``img_size``
     resamples the position embeddings). ``pool``: ``cls``, ``avg``, ``map`` (B, D), ``tokens`` (B, N, D) or ``proj``
     (a CLIP / SigLIP image tower's output: the joint image-text space ``vit search --text`` queries); see
-    ``pool_tokens``. ``meta["fingerprint"]`` identifies the weights, so queries from another model are refused. Unreadable images are skipped and listed in ``result.skipped`` (``on_bad_image="error"``:
-    raise). ``out`` also writes the result (see ``vit.features.features``); ``trainer_options`` go to
-    ``lightning.Trainer`` (``accelerator``, ``devices``, ``strategy``, ``precision``; several devices need ``out``).
+    ``pool_tokens``. ``meta["fingerprint"]`` identifies the weights, so queries from another model are refused.
+    Unreadable images are skipped and listed in ``result.skipped`` (``on_bad_image="error"``: raise). ``out`` also
+    writes the result (see ``vit.features.features``); ``trainer_options`` go to ``lightning.Trainer``
+    (``accelerator``, ``devices``, ``strategy``; several devices need ``out``).
+
+    ``backend`` / ``precision`` ("auto" by default) choose how the backbone runs in one CPU process
+    (``embedding_runner``: ``vit.deploy.runners.create_runner`` checked by cosine similarity on the first 16 images,
+    int8 calibrated on ``calibration``, a tensor or a folder / ``.txt`` list of images, else on them); the choice is
+    logged in one line through ``log`` (default stderr) and kept in ``meta["runner"]``. ``runner``: one built
+    before for this backbone and pool (e.g. for another split), used as it is.
 
     Example:
         >>> import tempfile
@@ -261,7 +305,6 @@ def extract_features(backbone: VisionTransformer | str, images, *, pool: str = "
         >>> tuple(feats.features.shape), feats.labels.tolist(), feats.class_names
         ((2, 32), [0, 1], ['cat', 'dog'])
     """
-    from ..data.transforms import eval_transform
     model = load_backbone(backbone, img_size, image_text=pool == "proj") \
         if not isinstance(backbone, VisionTransformer) else at_image_size(backbone, img_size)
     check_pool(model, pool)
@@ -273,24 +316,26 @@ def extract_features(backbone: VisionTransformer | str, images, *, pool: str = "
     class_names = list(class_names) if class_names is not None else found_names
     labels = [label for _, label in samples]
     labelled = class_names is not None or all(label >= 0 for label in labels)
-    if crop_pct is not None and not 0 < crop_pct <= 1:
-        raise ValueError(f"--crop-pct: expected a value in (0, 1], got {crop_pct}")
-    prep = preprocessing(model, mean, std, crop_pct)
-    transform = eval_transform(model.img_size, prep["mean"], prep["std"], crop_pct=prep["crop_pct"])
+    prep, transform = _preparation(model, mean, std, crop_pct)
     paths = [path for path, _ in samples]
     dataset = ImageFiles(paths, transform, model.in_chans, model.img_size, on_bad_image)
+    options = {"accelerator": "auto", "devices": 1, **trainer_options}
+    if runner is None:
+        runner = embedding_runner(model, pool, first_images(dataset), backend=backend, precision=precision,
+                                  calibration=calibration_batch(calibration, transform, model.in_chans), log=log,
+                                  trainer_options=options)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=torch.cuda.is_available())
     if isinstance(backbone, VisionTransformer):
         source = (getattr(model, "pretrained_cfg", None) or {}).get("source")
     else:  # a local path is recorded absolute, so vit search finds the backbone from anywhere
         source = str(Path(backbone).expanduser().resolve()) if Path(backbone).expanduser().exists() else str(backbone)
-    meta = {"source": source, "pool": pool, **prep, "fingerprint": fingerprint(model)}
+    meta = {"source": source, "pool": pool, **prep, "fingerprint": fingerprint(model),
+            "runner": runner.name if runner is not None else "eager fp32"}
     writer = FeatureWriter(paths, labels if labelled else None, class_names, meta, out, skipped)
-    options = {"accelerator": "auto", "devices": 1, **trainer_options}
     with quiet_lightning():
         trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False,
                             enable_progress_bar=progress, callbacks=[writer], **options)
-        trainer.predict(FeatureExtractor(model, pool), dataloaders=loader, return_predictions=False)
+        trainer.predict(FeatureExtractor(model, pool, runner), dataloaders=loader, return_predictions=False)
     result = writer.result
     if result.skipped and trainer.is_global_zero:
         first = result.skipped[0]

@@ -61,12 +61,15 @@ def plot_neighbours(query: str | os.PathLike, paths: Sequence[str], scores: Sequ
     return out
 
 
-def embed_query(index_meta: dict, query: str, checkpoint: str | None = None):
-    """The query's embedding (1, D), made as the index's were (its source, pool, image size, mean/std, crop)."""
-    import torch
-
-    from ..data import eval_transform, load_image
-    from .backbone import check_pool, load_backbone, pool_tokens
+def embed_query(index_meta: dict, query: str, checkpoint: str | None = None, *, backend: str = "auto",
+                precision: str = "auto", probe_paths: Sequence[str] = (), log=None):
+    """The query's embedding (1, D), made as the index's were (its source, pool, image size, mean/std, crop), by the
+    runner ``create_runner(Embedder(model, pool), backend, precision, compare="cosine")`` chose (logged as one line
+    through ``log``, default stderr), checked on the query and the first of ``probe_paths`` that still decode (up
+    to 16 images; the index's own images, say)."""
+    from ..data import BadImageError, eval_transform, load_image
+    from ..deploy.runners import PROBE_SIZE, create_runner
+    from .backbone import Embedder, check_pool, load_backbone
     source = _query_source(index_meta, checkpoint)
     if not Path(query).is_file():
         raise FileNotFoundError(f"{query}: no such image file")
@@ -77,8 +80,17 @@ def embed_query(index_meta: dict, query: str, checkpoint: str | None = None):
     transform = eval_transform(model.img_size, index_meta["mean"], index_meta["std"],
                                crop_pct=index_meta.get("crop_pct") or 1.0)
     image = transform(image=load_image(query, model.in_chans))["image"][None]
-    with torch.inference_mode():
-        return pool_tokens(model, model.forward_features(image), pool).float()
+    probe = [image]
+    for path in probe_paths:
+        if len(probe) == PROBE_SIZE:
+            break
+        try:
+            probe.append(transform(image=load_image(path, model.in_chans))["image"][None])
+        except (BadImageError, OSError, ValueError):  # moved or damaged since the index was made: not needed here
+            continue
+    runner = create_runner(Embedder(model, pool), backend, precision, probe=torch.cat(probe), compare="cosine",
+                           log=log)
+    return runner(image).float()
 
 
 def _query_source(index_meta: dict, checkpoint: str | None) -> str:

@@ -110,9 +110,17 @@ def zeroshot_classifier(model: ImageTextModel, class_names: Sequence[str],
 def zeroshot_probabilities(model: ImageTextModel, images: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
     """(B, C) class probabilities: the scaled cosine similarities through a softmax over classes (CLIP), or a
     sigmoid per class (SigLIP, with its ``logit_bias``)."""
-    logits = model.logit_scale.exp() * model.encode_image(images, normalize=True) @ classifier.to(images.dtype)
+    return probabilities_of(model, model.encode_image(images), classifier)
+
+
+@torch.no_grad()
+def probabilities_of(model: ImageTextModel, features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+    """``zeroshot_probabilities`` from image features (B, D) already in the joint space (``encode_image``'s, or
+    a runner's of ``Embedder(model.visual, "proj")``)."""
+    features = F.normalize(features.float(), dim=-1)
+    logits = model.logit_scale.exp().float() * features @ classifier.to(features.device, torch.float32)
     if model.logit_bias is not None:
-        return torch.sigmoid(logits + model.logit_bias)
+        return torch.sigmoid(logits + model.logit_bias.float())
     return logits.softmax(dim=-1)
 
 
@@ -147,11 +155,21 @@ class ZeroShotResult:
 
 def classify_images(model: ImageTextModel, images: str | os.PathLike | Sequence, classifier: torch.Tensor,
                     class_names: Sequence[str] | None = None, batch_size: int = 32,
-                    on_bad_image: str = "skip") -> ZeroShotResult:
+                    on_bad_image: str = "skip", *, backend: str = "auto", precision: str = "auto",
+                    calibration: torch.Tensor | str | os.PathLike | None = None,
+                    log: Callable[[str], None] | None = None) -> ZeroShotResult:
     """Score image files (a folder, files, a ``.txt`` list) against the classifier's classes, with the model's own
     preprocessing (``pretrained_cfg``: size, mean/std, crop). A folder of class sub-folders is labelled by folder
-    name, matched to ``class_names`` (all of them must be among the names)."""
+    name, matched to ``class_names`` (all of them must be among the names).
+
+    The image tower runs through ``create_runner(Embedder(model.visual, "proj"), backend, precision,
+    compare="cosine")`` (see ``vit.deploy.runners``; "auto" by default), checked on the first 16 images, int8
+    calibrated on ``calibration`` (a tensor, or a folder / ``.txt`` list of images) else on them; its choice is
+    logged as one line through ``log`` (default stderr)."""
+    from ..deploy.runners import create_runner
+    from .backbone import Embedder
     from .extract import ImageFiles, collect_images
+    from .running import calibration_batch, first_images
 
     samples, folder_classes, skipped = collect_images(images, on_bad_image)
     labels = [label for _, label in samples]
@@ -169,9 +187,14 @@ def classify_images(model: ImageTextModel, images: str | os.PathLike | Sequence,
                          on_bad_image)
     device = next(model.parameters()).device
     model.eval()
+    probe = first_images(dataset)
+    runner = create_runner(Embedder(model.visual, "proj"), backend, precision,
+                           probe=probe.to(device) if probe is not None else None,
+                           calibration=calibration_batch(calibration, transform, model.visual.in_chans),
+                           compare="cosine", log=log)
     kept, probabilities = [], []
     for batch, index, reasons in DataLoader(dataset, batch_size=batch_size):
-        probs = zeroshot_probabilities(model, batch.to(device), classifier.to(device)).cpu()
+        probs = probabilities_of(model, runner(batch.to(device)), classifier).cpu()
         for row, (i, reason) in enumerate(zip(index.tolist(), reasons)):
             if reason:
                 skipped.append((samples[i][0], reason))
