@@ -191,6 +191,8 @@ def test_dynamic_img_size_resamples_position_embeddings(tiny_kwargs):
     (dict(drop_rate=-0.1), "drop_rate"),
     (dict(global_pool="max"), "global_pool"),
     (dict(class_token=False), "needs class_token"),
+    (dict(patch_drop_rate=1.0), "patch_drop_rate"),
+    (dict(patch_drop_rate=0.5, window_size=2), "whole patch grid"),
 ])
 def test_invalid_configuration_is_named(tiny_kwargs, bad, match):
     with pytest.raises(ValueError, match=match):
@@ -320,3 +322,26 @@ def test_small_dataset_options_train_save_and_load():
         torch.testing.assert_close(loaded(x), model(x))
     with pytest.raises(ValueError, match="embed_layer"):
         vit.ViTConfig(embed_layer="shifted")
+
+
+def test_patch_dropout_keeps_a_random_subset_of_patches_while_training_only(tiny_kwargs):
+    torch.manual_seed(0)
+    model = vit.VisionTransformer(**{**tiny_kwargs, "reg_tokens": 2, "patch_drop_rate": 0.5})
+    full = vit.VisionTransformer(**{**tiny_kwargs, "reg_tokens": 2})
+    full.load_state_dict(model.state_dict())  # the rate is not a weight: the same checkpoint either way
+    x = torch.randn(2, 3, 32, 32)
+    model.eval(), full.eval()
+    torch.testing.assert_close(model(x), full(x), rtol=0, atol=0)  # evaluation sees every token
+    model.train()
+    tokens = model._embed(x)  # (B, 3 prefix + 16 patches, D)
+    kept = model._drop_patches(tokens)
+    assert kept.shape == (2, 3 + 8, 64)  # timm's count: int(16 x 0.5)
+    torch.testing.assert_close(kept[:, :3], tokens[:, :3])  # class and register tokens always stay
+    for b in range(2):  # each kept token is one of the image's own patches, none twice
+        match = (kept[b, 3:, None] == tokens[b, None, 3:]).all(-1)
+        assert match.sum(1).tolist() == [1] * 8 and match.any(0).sum() == 8
+    chosen = [set((kept[b, 3:, None] == tokens[b, None, 3:]).all(-1).nonzero()[:, 1].tolist()) for b in range(2)]
+    assert chosen[0] != chosen[1]  # a subset per image, not one per batch
+    assert model.forward_features(x).shape == (2, 3 + 8, 64)
+    model(x).sum().backward()
+    assert model.patch_embed.proj.weight.grad.abs().sum() > 0

@@ -17,7 +17,7 @@ MLP_LAYERS = ("mlp", "swiglu")
 EMBED_LAYERS = ("conv", "spt")
 ATTN_LAYERS = ("mha", "lsa")
 # Regularisation, not architecture: a checkpoint cannot tell them and a config read back from one leaves them 0.
-TRAINING_FIELDS = ("drop_rate", "attn_drop_rate", "drop_path_rate")
+TRAINING_FIELDS = ("drop_rate", "attn_drop_rate", "drop_path_rate", "patch_drop_rate")
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,9 @@ class ViTConfig:
         drop_rate: dropout after the position embedding, in the blocks' projections and before the head.
         attn_drop_rate: dropout on the attention weights.
         drop_path_rate: stochastic depth of the last block (rising linearly from 0 in the first).
+        patch_drop_rate: share of the patch tokens left out of each training image (a random subset per image,
+            prefix tokens kept; FLIP, Li et al. 2023): cheaper training steps; evaluation sees every token. Only
+            ``forward_features`` / ``forward`` drop (dense tasks need the whole grid); not with ``window_size``.
         global_pool: ``"token"`` (class token), ``"avg"`` (mean of the patch tokens), ``"map"`` (attention
             pooling with a learned query, SigLIP) or ``""`` (no pooling: the head sees every token).
         class_token: prepend a learned class token.
@@ -87,6 +90,7 @@ class ViTConfig:
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    patch_drop_rate: float = 0.0
     global_pool: str = "token"
     class_token: bool = True
     distilled: bool = False
@@ -251,6 +255,9 @@ def _window_problems(config: ViTConfig) -> list[str]:
         problems.append(f"window_size: expected an integer >= 0 (0 = global attention everywhere), got {window!r}")
     elif window and config.attn_layer != "mha":
         problems.append(f"window_size: windowed attention needs attn_layer 'mha', got {config.attn_layer!r}")
+    elif window and config.patch_drop_rate:
+        problems.append(f"patch_drop_rate: windowed attention needs the whole patch grid, got patch_drop_rate "
+                        f"{config.patch_drop_rate} with window_size {window}")
     depth = config.depth if isinstance(config.depth, int) and not isinstance(config.depth, bool) else 0
     if not isinstance(indexes, tuple) or not all(isinstance(i, int) and not isinstance(i, bool) for i in indexes):
         problems.append(f"global_attn_indexes: expected a list of block indices, got {indexes!r}")

@@ -115,14 +115,28 @@ class VisionTransformer(nn.Module):
         grid = self._check_input(x)
         return self._pos_embed(self.patch_embed(x), grid), grid
 
+    def _drop_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """While training: prefix tokens and a random ``1 - patch_drop_rate`` of each image's patch tokens (at
+        least one), in random order (their position embeddings are already added, so order carries nothing)."""
+        rate = self.config.patch_drop_rate
+        if not (self.training and rate):
+            return x
+        prefix, patches = x[:, :self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
+        keep = max(1, int(patches.shape[1] * (1.0 - rate)))  # timm's PatchDropout count
+        order = torch.rand(patches.shape[:2], device=x.device).argsort(dim=1)[:, :keep]
+        patches = patches.gather(1, order.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        return torch.cat([prefix, patches], dim=1)
+
     def _run_block(self, block: nn.Module, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, x, grid, use_reentrant=False)
         return block(x, grid)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """All tokens after the final norm: (B, C, H, W) -> (B, prefix + N, D)."""
+        """All tokens after the final norm: (B, C, H, W) -> (B, prefix + N, D); while training with
+        ``patch_drop_rate``, N is the patches kept."""
         x, grid = self._embed_with_grid(x)
+        x = self._drop_patches(x)
         for block in self.blocks:
             x = self._run_block(block, x, grid)
         return self.norm(x)
