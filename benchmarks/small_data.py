@@ -7,8 +7,10 @@ with the schedule fitted to the budget, then test the final weights), one after 
     python benchmarks/small_data.py --tiny                    # seconds: a synthetic folder; what the test runs
     python benchmarks/small_data.py --task detection --minutes 5 10 15   # configs/detection/small_data.yaml, test
                                                               # mAP@50 on a seeded shapes set written in COCO layout
+    python benchmarks/small_data.py --task segmentation --minutes 5 10 15   # configs/segmentation/small_data.yaml,
+                                                              # test mIoU on a seeded shapes set written as a mask folder
 
-The score is the test accuracy (classification) or the test mAP@50 (detection).
+The score is the test accuracy (classification), the test mAP@50 (detection) or the test mIoU (segmentation).
 
 Prints a table (budget, epochs trained, wall time, best validation and final test accuracy), writes it as
 ``results.csv`` and, where matplotlib is installed, the accuracy-vs-minutes curve as ``accuracy_vs_minutes.png``
@@ -40,7 +42,13 @@ TASKS = {
                        "result": re.compile(r"test accuracy: (?P<score>[0-9.]+) on (?P<n>\d+) held-out")},
     "detection": {"config": "configs/detection/small_data.yaml", "val": "val/map_50", "score": "test mAP@50",
                   "result": re.compile(r"test mAP@50: (?P<score>[0-9.]+), mAP: [0-9.na]+ on (?P<n>\d+) held-out")},
+    "segmentation": {"config": "configs/segmentation/small_data.yaml", "val": "val/miou", "score": "test mIoU",
+                     "result": re.compile(r"test mIoU: (?P<score>[0-9.]+), pixel accuracy: [0-9.na]+ on "
+                                          r"(?P<n>\d+) held-out")},
 }
+# the seeded shapes sets standing in for a small user dataset: scenes per split, their size (tiny: a smoke run)
+SHAPES_SPLITS = {"train": 1000, "val": 150, "test": 200}
+TINY_SPLITS = {"train": 32, "val": 8, "test": 8}
 
 
 def shapes_coco(workdir: Path, tiny: bool = False) -> Path:
@@ -49,10 +57,24 @@ def shapes_coco(workdir: Path, tiny: bool = False) -> Path:
     from vit.data.coco import write_coco
     from vit.data.shapes import SHAPES_CLASSES, make_shapes
 
-    counts, size = ({"train": 32, "val": 8, "test": 8}, 32) if tiny else ({"train": 1000, "val": 150, "test": 200}, 96)
+    counts, size = (TINY_SPLITS, 32) if tiny else (SHAPES_SPLITS, 96)
     root = workdir / "shapes_coco"
     for seed, (split, n) in enumerate(counts.items()):
         write_coco(make_shapes(n, size=size, seed=100 + seed, max_objects=6), list(SHAPES_CLASSES), root, split)
+    return root
+
+
+def shapes_masks(workdir: Path, tiny: bool = False) -> Path:
+    """The same kind of seeded shapes set written as a mask folder (``images/<split>``, ``masks/<split>`` index
+    PNGs, ``classes.txt``): 1000 training scenes of 96 px with up to 6 shapes each (tiny: 32 scenes of 32 px)."""
+    from vit.data.masks import write_mask_folder
+    from vit.data.shapes import SHAPES_SEGMENTATION_CLASSES, make_shape_masks
+
+    counts, size = (TINY_SPLITS, 32) if tiny else (SHAPES_SPLITS, 96)
+    root = workdir / "shapes_masks"
+    for seed, (split, n) in enumerate(counts.items()):
+        write_mask_folder(make_shape_masks(n, size=size, seed=100 + seed, max_objects=6),
+                          list(SHAPES_SEGMENTATION_CLASSES), root, split)
     return root
 
 
@@ -140,16 +162,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(TASKS), default="classification")
     parser.add_argument("--minutes", type=float, nargs="+", default=None,
-                        help="budgets (default: 5 10 20 60; detection 5 10 15)")
-    parser.add_argument("--root", type=Path, help="the data folder (default: cifar10_small, or for detection a "
-                                                  "shapes set written in COCO layout)")
+                        help="budgets (default: 5 10 20 60; detection and segmentation 5 10 15)")
+    parser.add_argument("--root", type=Path, help="the data folder (default: cifar10_small; for detection a "
+                                                  "shapes set written in COCO layout, for segmentation as a "
+                                                  "mask folder)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "small_data_benchmark")
     parser.add_argument("--tiny", action="store_true", help="20-second budgets, tiny model, synthetic images")
     parser.add_argument("--collect", action="store_true",
                         help="train nothing: the table and curve of the runs already under --out")
     args, extra = parser.parse_known_args(argv)  # anything else goes to train.py (e.g. --model.backbone.embed_dim 128)
     if args.minutes is None:
-        args.minutes = [5, 10, 15] if args.task == "detection" else [5, 10, 20, 60]
+        args.minutes = [5, 10, 20, 60] if args.task == "classification" else [5, 10, 15]
     if args.tiny:
         args.minutes, extra = [1 / 3], TINY + extra
     args.out.mkdir(parents=True, exist_ok=True)
@@ -161,20 +184,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
         root = yaml.safe_load(configs[0].read_text())["data"]["root"] if configs else str(args.out)
         return report(rows, args, extra, root)
     with tempfile.TemporaryDirectory() as tmp:
-        detection = args.task == "detection"
-        if args.root is None and not args.tiny and not detection and not CIFAR.is_file():
+        shapes = {"detection": shapes_coco, "segmentation": shapes_masks}.get(args.task)
+        if args.root is None and not args.tiny and shapes is None and not CIFAR.is_file():
             parser.error(f"no --root given and {CIFAR} not found")
         if args.root is not None:
             root = args.root
-        elif detection:
-            root = shapes_coco(Path(tmp), tiny=args.tiny)
+        elif shapes is not None:
+            root = shapes(Path(tmp), tiny=args.tiny)
         else:
             root = image_folder(Path(tmp), tiny=True) if args.tiny else cifar10_small(Path(tmp))
         rows = []
         for minutes in args.minutes:
             rows.append(run_budget(root, minutes * 60, args.out, extra, args.task))
             print(f"budget {minutes:g} min: {TASKS[args.task]['score']} {rows[-1]['test']:.4f}", flush=True)
-    name = str(root) if args.root else "shapes_coco" if detection else "synthetic" if args.tiny else "cifar10_small"
+    name = str(root) if args.root else root.name if shapes is not None else "synthetic" if args.tiny \
+        else "cifar10_small"
     return report(rows, args, extra, name)
 
 

@@ -175,6 +175,18 @@ def test_small_data_detection_runs_the_detection_recipe_on_a_coco_folder(capsys,
     assert row["epochs"] >= 1 and 0.0 <= row["best_val"] <= 1.0 and 0.0 <= row["test"] <= 1.0
 
 
+@pytest.mark.slow
+def test_small_data_segmentation_runs_the_segmentation_recipe_on_a_mask_folder(capsys, tmp_path):
+    small_data = _load("small_data")
+    rows = small_data.main(["--task", "segmentation", "--tiny", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "data: shapes_masks; recipe: configs/segmentation/small_data.yaml" in out
+    assert "| budget (min) | epochs | wall (min) | best val/miou | test mIoU |" in out
+    (row,) = rows
+    assert row["test_images"] == 8  # the mask folder's own test split, not val doubling as test
+    assert row["epochs"] >= 1 and 0.0 <= row["best_val"] <= 1.0 and 0.0 <= row["test"] <= 1.0
+
+
 def test_segmentation_heads_tiny_mode_trains_each_head_on_frozen_features(capsys):
     rows = _load("segmentation_heads").main(["--tiny"])
     out = capsys.readouterr().out
