@@ -228,6 +228,12 @@ def test_ema_weights_differ_from_raw_and_are_what_gets_evaluated(tmp_path):
     assert torch.allclose(ckpt["state_dict"]["model.head.weight"], expected, atol=1e-6)
     assert "current_model_state" in ckpt
     assert torch.allclose(vit.load_pretrained(tmp_path / "ema.ckpt").head.weight, expected, atol=1e-6)
+    # fit then test a checkpoint in the same process (what `python train.py` does): the EMA weights are tested, as
+    # in a later `train.py test --ckpt_path` (Lightning's own callback would put the raw weights back)
+    trainer.test(module, datamodule=ImageDataModule("digits", img_size=16, batch_size=16),
+                 ckpt_path=tmp_path / "ema.ckpt", verbose=False)
+    assert torch.allclose(module.model.head.weight, expected, atol=1e-6)
+    assert not torch.allclose(module.model.head.weight, probe.raw[-1])
 
 
 @pytest.mark.parametrize("recipe", ["linear_probe.yaml", "full.yaml", "high_res.yaml"])

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging
 
 from ..models.vision import VisionTransformer
 from ..training.optim import TimeBudgetCosine, epoch_warmup_cosine, scaled_param_groups
@@ -148,13 +149,12 @@ class TrainingFeatures:
         super().on_validation_end()
 
     def configure_callbacks(self):
-        from lightning.pytorch.callbacks import EMAWeightAveraging
         stage = getattr(self.trainer.state.fn, "value", self.trainer.state.fn)  # TrainerFn -> 'fit'
         # one the trainer already has (configured in a recipe) wins over ours
         if stage != "fit" or not self.hparams.ema_decay or any(isinstance(c, EMAWeightAveraging)
                                                                 for c in self.trainer.callbacks):
             return []
-        return [EMAWeightAveraging(decay=self.hparams.ema_decay)]
+        return [EvaluatedEMA(decay=self.hparams.ema_decay)]
 
     def nonfinite(self, loss: torch.Tensor, batch_idx: int, terms: dict[str, torch.Tensor] | None = None) -> None:
         """Raise or skip for a NaN/inf training loss (``terms``: its parts, named in the message); return its
@@ -192,3 +192,14 @@ def training_feature_problems(*, schedule: str, ema_decay: float | None, nonfini
     if nonfinite_loss not in NONFINITE_LOSS:
         problems.append(f"model.nonfinite_loss: expected 'error' or 'skip', got {nonfinite_loss!r}")
     return problems
+
+
+class EvaluatedEMA(EMAWeightAveraging):
+    """Lightning's EMA weights, except that a checkpoint loaded after fitting to test, validate or predict (``fit``
+    then ``test(ckpt_path="best")`` in one process, as ``python train.py`` does) keeps the averaged weights its
+    ``state_dict`` holds, the ones validation chose it by; Lightning's own callback puts the raw training weights
+    back there, so the test would score other weights than a later ``train.py test --ckpt_path`` does."""
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if getattr(trainer.state.fn, "value", trainer.state.fn) == "fit":
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
