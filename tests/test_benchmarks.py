@@ -164,26 +164,16 @@ def test_detection_tiny_mode_compares_vit_global_windowed_and_resnet50_fpn(capsy
 
 
 @pytest.mark.slow
-def test_small_data_detection_runs_the_detection_recipe_on_a_coco_folder(capsys, tmp_path):
+@pytest.mark.parametrize("task,data,val,score", [("detection", "shapes_coco", "val/map_50", "test mAP@50"),
+                                                 ("segmentation", "shapes_masks", "val/miou", "test mIoU")])
+def test_small_data_runs_each_task_recipe_on_its_own_folder_layout(task, data, val, score, capsys, tmp_path):
     small_data = _load("small_data")
-    rows = small_data.main(["--task", "detection", "--tiny", "--out", str(tmp_path)])
+    rows = small_data.main(["--task", task, "--tiny", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "recipe: configs/detection/small_data.yaml" in out
-    assert "| budget (min) | epochs | wall (min) | best val/map_50 | test mAP@50 |" in out
+    assert f"data: {data}; recipe: configs/{task}/small_data.yaml" in out  # a COCO folder, a mask folder
+    assert f"| budget (min) | epochs | wall (min) | best {val} | {score} |" in out
     (row,) = rows
-    assert row["test_images"] == 8  # the COCO folder's own test split (8 scenes), not val doubling as test
-    assert row["epochs"] >= 1 and 0.0 <= row["best_val"] <= 1.0 and 0.0 <= row["test"] <= 1.0
-
-
-@pytest.mark.slow
-def test_small_data_segmentation_runs_the_segmentation_recipe_on_a_mask_folder(capsys, tmp_path):
-    small_data = _load("small_data")
-    rows = small_data.main(["--task", "segmentation", "--tiny", "--out", str(tmp_path)])
-    out = capsys.readouterr().out
-    assert "data: shapes_masks; recipe: configs/segmentation/small_data.yaml" in out
-    assert "| budget (min) | epochs | wall (min) | best val/miou | test mIoU |" in out
-    (row,) = rows
-    assert row["test_images"] == 8  # the mask folder's own test split, not val doubling as test
+    assert row["test_images"] == 8  # the folder's own test split (8 scenes), not val doubling as test
     assert row["epochs"] >= 1 and 0.0 <= row["best_val"] <= 1.0 and 0.0 <= row["test"] <= 1.0
 
 

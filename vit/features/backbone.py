@@ -180,9 +180,10 @@ class Embedder(nn.Module):
         (torch.Size([2, 32]), 'avg')
     """
 
-    def __init__(self, model: VisionTransformer, pool: str = "cls"):
+    def __init__(self, model: VisionTransformer, pool: str = "cls", *, image_tower: bool = False):
         super().__init__()
-        check_pool(model, pool)
+        if not (image_tower and pool == "proj"):  # the caller holds the whole image-text model (zeroshot)
+            check_pool(model, pool)
         self.model, self.pool = model, pool
         self.img_size, self.in_chans = tuple(model.img_size), model.in_chans
         self.config = EmbedderConfig(getattr(model, "config", type(model).__name__), pool)

@@ -188,7 +188,7 @@ def classify_images(model: ImageTextModel, images: str | os.PathLike | Sequence,
     device = next(model.parameters()).device
     model.eval()
     probe = first_images(dataset)
-    runner = create_runner(Embedder(model.visual, "proj"), backend, precision,
+    runner = create_runner(Embedder(model.visual, "proj", image_tower=True), backend, precision,
                            probe=probe.to(device) if probe is not None else None,
                            calibration=calibration_batch(calibration, transform, model.visual.in_chans),
                            compare="cosine", log=log)
