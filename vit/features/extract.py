@@ -131,7 +131,7 @@ class FeatureExtractor(L.LightningModule):
     def predict_step(self, batch, batch_idx: int = 0):
         images, index, errors = batch
         if self.runner is not None:
-            return self.runner(images), index, list(errors)
+            return self.runner(images).float(), index, list(errors)  # bf16 runners: stored as fp32 like eager
         return pool_tokens(self.model, self.model.forward_features(images), self.pool).float(), index, list(errors)
 
 
