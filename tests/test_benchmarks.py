@@ -42,6 +42,18 @@ def test_throughput_tiny_mode_prints_every_table(throughput, capsys):
     assert ckpt_rows[1]["saved"] < ckpt_rows[0]["saved"] / 2
 
 
+def test_attention_tiny_mode_times_both_forms_and_says_which_vit_runs(capsys):
+    threads = torch.get_num_threads()
+    try:
+        rows = _load("attention").main(["--tiny"])
+    finally:
+        torch.set_num_threads(threads)
+    assert "| explicit / fused |" in capsys.readouterr().out
+    assert len(rows) == 4 and all(r["fused"] > 0 and r["explicit"] > 0 for r in rows)
+    # the explicit form exactly where training in bf16
+    assert [r["picks"] for r in rows] == ["fused", "fused", "fused", "explicit"]
+
+
 @pytest.mark.parametrize("kwargs", [dict(), dict(distilled=True), dict(class_token=False, global_pool="avg")])
 def test_flops_per_image_match_torch_flop_counter(throughput, kwargs):
     model = vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10,

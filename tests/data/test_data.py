@@ -89,8 +89,30 @@ def test_transforms_produce_requested_size():
         assert (erased[:, box] == 0).all() and torch.equal(erased[:, ~box], plain[:, ~box])
 
 
+def test_padded_crop_shifts_the_image_without_resampling_it():
+    """data.crop_padding (CIFAR's crop): every training image is the original shifted by at most the padding
+    (reflected at the border), pixel for pixel; the positions vary with the seed."""
+    image = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    padded = np.pad(image, ((4, 4), (4, 4), (0, 0)), mode="reflect")
+    shifts = set()
+    for seed in range(12):
+        transform = train_transform(32, (0.0,) * 3, (1 / 255,) * 3, hflip=False, color_jitter=0.0, crop_padding=4)
+        seed_transform(transform, seed)
+        out = transform(image=image)["image"].permute(1, 2, 0).round().numpy().astype(np.uint8)
+        found = [(dy, dx) for dy in range(9) for dx in range(9)
+                 if np.array_equal(padded[dy:dy + 32, dx:dx + 32], out)]
+        assert found, f"seed {seed}: not a shifted copy of the image"
+        shifts.add(found[0])
+    assert len(shifts) >= 6
+    # the random resized crop instead resamples: its output is (almost never) a shifted copy
+    transform = train_transform(32, (0.0,) * 3, (1 / 255,) * 3, hflip=False, color_jitter=0.0, crop_scale=(0.5, 0.6))
+    out = transform(image=image)["image"].permute(1, 2, 0).round().numpy().astype(np.uint8)
+    assert not any(np.array_equal(padded[dy:dy + 32, dx:dx + 32], out) for dy in range(9) for dx in range(9))
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(dataset="mnist"), "data.dataset"),
+    (dict(crop_padding=-2), "data.crop_padding"),
     (dict(dataset="imagefolder"), "data.root: required"),
     (dict(dataset="imagefolder", root="/nonexistent/folder"), "not a directory"),
     (dict(batch_size=0), "data.batch_size"),

@@ -52,6 +52,8 @@ class ImageDataModule(L.LightningDataModule):
         augment: training augmentation: "none", "light" (random resized crop, flip, colour jitter) or "strong".
         hflip: flip training images horizontally at random.
         crop_scale: (min, max) share of the image area kept by the training random resized crop.
+        crop_padding: > 0: CIFAR's training crop instead of the random resized crop: pad each side by this many
+            pixels (reflected) and cut img_size at a random position (crop_scale is then unused).
         color_jitter: brightness/contrast/saturation jitter strength for training (applied with p=0.8); 0 = off.
         random_erasing: probability of erasing a random box of a training image.
         crop_pct: evaluation resizes to img_size / crop_pct, then center-crops img_size.
@@ -84,19 +86,19 @@ class ImageDataModule(L.LightningDataModule):
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  augment: Literal["none", "light", "strong"] = "light", hflip: bool = True,
                  crop_scale: tuple[float, float] = (0.08, 1.0), color_jitter: float = 0.4,
-                 random_erasing: float = 0.0, crop_pct: float = 1.0, download: bool = False,
-                 drop_last: bool = False, predict_path: str | list[str] | None = None,
+                 random_erasing: float = 0.0, crop_pct: float = 1.0, crop_padding: NonNegativeInt = 0,
+                 download: bool = False, drop_last: bool = False, predict_path: str | list[str] | None = None,
                  on_bad_image: Literal["skip", "error"] = "skip", image_key: str | None = None,
                  label_key: str | None = None, split_names: dict[str, str] | None = None, streaming: bool = False,
                  cache_dir: str | None = None, cache: bool = False):
         super().__init__()
-        img_size, batch_size, num_workers, val_fraction, test_fraction = plain(
-            img_size, batch_size, num_workers, val_fraction, test_fraction)
+        img_size, batch_size, num_workers, val_fraction, test_fraction, crop_padding = plain(
+            img_size, batch_size, num_workers, val_fraction, test_fraction, crop_padding)
         self.save_hyperparameters()  # reads the (now plain) arguments from this frame
         _check_args(dataset=dataset, root=root, img_size=img_size, batch_size=batch_size, num_workers=num_workers,
                     val_fraction=val_fraction, test_fraction=test_fraction, in_chans=in_chans, augment=augment,
                     crop_scale=crop_scale, mean=mean, std=std, image_key=image_key, label_key=label_key,
-                    split_names=split_names, streaming=streaming)
+                    split_names=split_names, streaming=streaming, crop_padding=crop_padding)
         self.image_key, self.label_key, self.split_names = image_key, label_key, split_names
         self.streaming, self.cache_dir = streaming, cache_dir
         self._source = None  # hf / streaming: the opened source (class names, splits), see _open_source
@@ -121,6 +123,7 @@ class ImageDataModule(L.LightningDataModule):
         self._stream_state: dict | None = None  # that position from a resumed checkpoint, until the loader exists
         self.augment, self.hflip, self.crop_scale = augment, hflip, tuple(crop_scale)
         self.color_jitter, self.random_erasing, self.crop_pct = color_jitter, random_erasing, crop_pct
+        self.crop_padding = crop_padding
         default_mean, default_std = _STATS.get(dataset, (IMAGENET_MEAN, IMAGENET_STD))
         self.mean = match_channels(mean if mean is not None else default_mean, in_chans)
         self.std = match_channels(std if std is not None else default_std, in_chans)
@@ -143,7 +146,7 @@ class ImageDataModule(L.LightningDataModule):
     def train_transform(self):
         return train_transform(self.img_size, self.mean, self.std, augment=self.augment, hflip=self.hflip,
                                crop_scale=self.crop_scale, color_jitter=self.color_jitter,
-                               random_erasing=self.random_erasing)
+                               random_erasing=self.random_erasing, crop_padding=self.crop_padding)
 
     def eval_transform(self):
         return eval_transform(self.img_size, self.mean, self.std, crop_pct=self.crop_pct)
@@ -368,7 +371,8 @@ class ImageDataModule(L.LightningDataModule):
 
 
 def _check_args(*, dataset, root, img_size, batch_size, num_workers, val_fraction, test_fraction, in_chans, augment,
-                crop_scale, mean, std, image_key=None, label_key=None, split_names=None, streaming=False) -> None:
+                crop_scale, mean, std, image_key=None, label_key=None, split_names=None, streaming=False,
+                crop_padding=0) -> None:
     problems = []
     if dataset not in DATASETS:
         problems.append(f"data.dataset: expected one of {DATASETS}, got {dataset!r}")
@@ -382,7 +386,7 @@ def _check_args(*, dataset, root, img_size, batch_size, num_workers, val_fractio
     problems += range_problems("data", {
         "img_size": (PositiveInt, img_size), "batch_size": (PositiveInt, batch_size),
         "num_workers": (NonNegativeInt, num_workers), "val_fraction": (Fraction, val_fraction),
-        "test_fraction": (Fraction, test_fraction)})
+        "test_fraction": (Fraction, test_fraction), "crop_padding": (NonNegativeInt, crop_padding)})
     if val_fraction + test_fraction >= 1.0:
         problems.append(f"data.val_fraction + data.test_fraction must leave training data, got "
                         f"{val_fraction} + {test_fraction}")

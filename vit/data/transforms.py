@@ -14,9 +14,12 @@ AUGMENT_PRESETS = ("none", "light", "strong")
 
 def train_transform(img_size: int | Sequence[int], mean: Sequence[float], std: Sequence[float],
                     augment: str = "light", hflip: bool = True, crop_scale: Sequence[float] = (0.08, 1.0),
-                    color_jitter: float = 0.4, random_erasing: float = 0.0) -> A.Compose:
+                    color_jitter: float = 0.4, random_erasing: float = 0.0, crop_padding: int = 0) -> A.Compose:
     """Training pipeline: random resized crop, flip, colour jitter (``light``), plus RandAugment-style
     ops (``strong``), then normalise; ``random_erasing`` is the probability of erasing a random box.
+    ``crop_padding > 0`` replaces the random resized crop by CIFAR's crop: resize to ``img_size``, pad each side by
+    ``crop_padding`` pixels (reflected), cut ``img_size`` at a random position; no resampling of the kept pixels,
+    which matters at 32 px.
 
     Example:
         >>> import numpy as np
@@ -28,7 +31,13 @@ def train_transform(img_size: int | Sequence[int], mean: Sequence[float], std: S
     size = _size(img_size)
     if augment == "none":
         return eval_transform(img_size, mean, std)
-    ops: list = [A.RandomResizedCrop(size=size, scale=tuple(crop_scale), interpolation=cv2.INTER_CUBIC)]
+    if crop_padding > 0:
+        ops: list = [A.Resize(*size, interpolation=cv2.INTER_CUBIC),
+                     A.PadIfNeeded(size[0] + 2 * crop_padding, size[1] + 2 * crop_padding,
+                                   border_mode=cv2.BORDER_REFLECT_101),
+                     A.RandomCrop(*size)]
+    else:
+        ops = [A.RandomResizedCrop(size=size, scale=tuple(crop_scale), interpolation=cv2.INTER_CUBIC)]
     if hflip:
         ops.append(A.HorizontalFlip(p=0.5))
     if augment == "strong":

@@ -8,6 +8,41 @@ from torch import nn
 
 from .config import ViTConfig, mlp_hidden
 
+# Longest sequence that attention() computes explicitly when training in bf16 on a CPU: the (N, N) weights of a
+# batch are then materialised, which beyond this costs more memory than the fused kernel's speed is worth losing.
+EXPLICIT_ATTENTION_MAX_TOKENS = 2048
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+              dropout_p: float = 0.0) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` (default scale; boolean ``attn_mask``, True = may attend), except when
+    training in bf16 on a CPU: there PyTorch's fused CPU kernel picks flash attention, whose backward pass is 1.4-6x
+    slower than the plain softmax(q k^T) v at ViT lengths (65-1025 tokens: ``benchmarks/attention.py``), so the
+    plain form runs instead. The same function either way; fp32 and inference keep the fused kernel (faster
+    there).
+
+    Example:
+        >>> q = k = v = torch.randn(2, 4, 17, 8, dtype=torch.bfloat16, requires_grad=True)
+        >>> torch.allclose(attention(q, k, v).float(), F.scaled_dot_product_attention(q, k, v).float(), atol=2e-2)
+        True
+    """
+    if not use_explicit_attention(q):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+    weights = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if attn_mask is not None:
+        weights = weights.masked_fill(~attn_mask, float("-inf"))
+    weights = weights.softmax(dim=-1)
+    if dropout_p:
+        weights = F.dropout(weights, dropout_p)
+    return weights @ v
+
+
+def use_explicit_attention(q: torch.Tensor) -> bool:
+    """Whether ``attention`` computes softmax(q k^T) v explicitly for these queries: bf16 on a CPU, with gradients
+    to compute, at most ``EXPLICIT_ATTENTION_MAX_TOKENS`` keys."""
+    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled() and q.requires_grad
+            and q.shape[-2] <= EXPLICIT_ATTENTION_MAX_TOKENS)
+
 
 class PatchEmbed(nn.Module):
     """Cut an image into non-overlapping patches and project each to ``embed_dim``.
@@ -64,7 +99,8 @@ class ShiftedPatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention, fused through ``scaled_dot_product_attention``.
+    """Multi-head self-attention through ``attention`` (``scaled_dot_product_attention``, or its plain form
+    when training in bf16 on a CPU).
 
     ``locality=True`` is Locality Self-Attention (Lee et al. 2021): a learned temperature instead of the fixed
     1/sqrt(head_dim), and no token attends to itself, which sharpens attention on small datasets.
@@ -117,7 +153,7 @@ class Attention(nn.Module):
             q, mask = self._locality(q, N)
             if attn_mask is not None:
                 mask = attn_mask if mask is None else mask & attn_mask
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            x = attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, heads, N, C/heads) -> (B, N, C)
         return self.proj_drop(self.proj(x))
 
@@ -173,12 +209,12 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tu
         real = real.reshape(rows, ws, cols, ws).transpose(1, 2).reshape(rows * cols, ws * ws)
         real = torch.cat([real.new_ones(rows * cols, P), real], dim=1)
         mask = real.repeat(B, 1)[:, None, None, :]  # (B * windows, 1, 1, P + ws*ws): True = may attend
-    out = F.scaled_dot_product_attention(q_win, k_win, v_win, attn_mask=mask, dropout_p=dropout_p)
+    out = attention(q_win, k_win, v_win, attn_mask=mask, dropout_p=dropout_p)
     # (B * windows, heads, ws*ws, d) -> (B, heads, H'*W', d), padding dropped -> (B, heads, H*W, d)
     out = out.reshape(B, rows, cols, heads, ws, ws, dim).permute(0, 3, 1, 4, 2, 5, 6)
     out = out.reshape(B, heads, rows * ws, cols * ws, dim)[:, :, :H, :W].reshape(B, heads, H * W, dim)
     if P:
-        prefix = F.scaled_dot_product_attention(q[:, :, :P], k, v, dropout_p=dropout_p)
+        prefix = attention(q[:, :, :P], k, v, dropout_p=dropout_p)
         out = torch.cat([prefix, out], dim=2)
     return out
 
@@ -309,7 +345,7 @@ class AttentionPool(nn.Module):
         q = self.q(self.latent.expand(B, -1, -1)).reshape(B, 1, self.num_heads, self.head_dim).transpose(1, 2)
         # (B, N, 2C) -> (2, B, heads, N, C/heads)
         k, v = self.kv(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, 1, C)
+        x = attention(q, k, v).transpose(1, 2).reshape(B, 1, C)
         x = self.proj(x)
         x = x + self.mlp(self.norm(x))
         return x[:, 0]
