@@ -22,16 +22,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from vit.models.layers import use_explicit_attention  # noqa: E402
+from vit.models.layers import explicit_attention, use_explicit_attention  # noqa: E402
 
 # (batch, heads, tokens, head dim): the small-data recipe (32 px, patch 4), ViT-S/16 at 224 px (batch 16 and 1),
 # ViT-B/16 at 384 px, ViT-S/16 at 512 px
 SHAPES = [(128, 4, 65, 32), (16, 6, 197, 64), (1, 6, 197, 64), (2, 12, 577, 64), (1, 6, 1025, 64)]
 TINY_SHAPES = [(2, 2, 17, 8)]
-
-
-def explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
 
 
 def time_ms(fn, q, k, v, train: bool, repeats: int, warmup: int) -> float:
@@ -69,7 +65,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for train in (False, True):
                 q, k, v = (torch.randn(*shape, dtype=dtype, requires_grad=train) for _ in range(3))
                 fused = time_ms(F.scaled_dot_product_attention, q, k, v, train, args.repeats, args.warmup)
-                plain = time_ms(explicit, q, k, v, train, args.repeats, args.warmup)
+                plain = time_ms(explicit_attention, q, k, v, train, args.repeats, args.warmup)
                 with torch.set_grad_enabled(train):
                     picks = "explicit" if use_explicit_attention(q) else "fused"
                 row = dict(shape="x".join(map(str, shape)), dtype=str(dtype).removeprefix("torch."),

@@ -28,6 +28,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     """
     if not use_explicit_attention(q):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+    return explicit_attention(q, k, v, attn_mask, dropout_p)
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                       dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v, formed step by step (what ``attention`` runs when training in bf16 on a CPU)."""
     weights = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if attn_mask is not None:
         weights = weights.masked_fill(~attn_mask, float("-inf"))
@@ -39,7 +45,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
 
 def use_explicit_attention(q: torch.Tensor) -> bool:
     """Whether ``attention`` computes softmax(q k^T) v explicitly for these queries: bf16 on a CPU, with gradients
-    to compute, at most ``EXPLICIT_ATTENTION_MAX_TOKENS`` keys."""
+    to compute, at most ``EXPLICIT_ATTENTION_MAX_TOKENS`` queries (self-attention: as many keys)."""
     return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled() and q.requires_grad
             and q.shape[-2] <= EXPLICIT_ATTENTION_MAX_TOKENS)
 
