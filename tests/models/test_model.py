@@ -1,10 +1,11 @@
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from conftest import assert_matches_reference, randomize_
 
 import vit
-from vit.models.layers import Attention
+from vit.models.layers import Attention, ConvStemEmbed
 
 
 @pytest.mark.parametrize("name,count", [
@@ -322,6 +323,42 @@ def test_small_dataset_options_train_save_and_load():
         torch.testing.assert_close(loaded(x), model(x))
     with pytest.raises(ValueError, match="embed_layer"):
         vit.ViTConfig(embed_layer="shifted")
+
+
+def test_conv_stem_tokens_see_their_neighbourhood_and_load_back_from_the_weights():
+    torch.manual_seed(0)
+    stem = ConvStemEmbed(img_size=16, patch_size=4, in_chans=3, embed_dim=32).eval()
+    assert [tuple(b.conv.weight.shape) for b in stem.stem] == [(16, 3, 3, 3), (32, 16, 3, 3)]
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        base = stem(x)
+        assert base.shape == (1, 16, 32)
+        nudged = x.clone()
+        nudged[..., 3, 3] += 1.0  # last pixel of patch (0, 0): patch (1, 1)'s stacked 3x3 convolutions reach it
+        changed = (stem(nudged) - base).abs().amax(-1).reshape(4, 4)
+    assert changed[0, 0] > 0 and changed[1, 1] > 0
+    assert changed[3, 3] == 0 and changed[0, 3] == 0  # far patches do not see it
+
+    model = vit.VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=5,
+                                  embed_layer="conv_stem", attn_layer="lsa")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):  # BatchNorm's running statistics move away from their initial values
+        optimizer.zero_grad()
+        F.cross_entropy(model(torch.randn(8, 3, 16, 16)), torch.randint(0, 5, (8,))).backward()
+        optimizer.step()
+    model.eval()
+    loaded = vit.load_pretrained(model.state_dict(), model={"num_heads": 2}).eval()  # BatchNorm: eval statistics
+    assert (loaded.config.embed_layer, loaded.config.patch_size, loaded.config.embed_dim) == ("conv_stem", 4, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # trains under bf16 autocast too
+        model.train()(torch.randn(4, 3, 16, 16)).float().sum().backward()
+    with pytest.raises(ValueError, match="embed_layer 'conv_stem'.*power of 2"):
+        vit.ViTConfig(img_size=24, patch_size=6, embed_layer="conv_stem")
+    with pytest.raises(ValueError, match="embed_dim must be divisible by patch_size / 2 = 8"):
+        vit.ViTConfig(img_size=32, patch_size=16, embed_dim=36, num_heads=2, embed_layer="conv_stem")
+    with pytest.raises(ValueError, match="pre_norm"):
+        vit.ViTConfig(patch_size=16, embed_layer="conv_stem", pre_norm=True)
 
 
 def test_patch_dropout_keeps_a_random_subset_of_patches_while_training_only(tiny_kwargs):

@@ -59,6 +59,7 @@ def infer_architecture(state_dict: Mapping[str, torch.Tensor], hints: Mapping[st
     hints = dict(hints or {})
     weight = state_dict.get("patch_embed.proj.weight")
     spt = weight is not None and weight.ndim == 2 and "patch_embed.norm.weight" in state_dict
+    conv_stem = weight is not None and "patch_embed.stem.0.conv.weight" in state_dict
     if spt:  # Shifted Patch Tokenization: a linear projection of 5 x channels x patch x patch values
         in_chans = int(hints.get("in_chans") or 3)
         patch = math.isqrt(weight.shape[1] // (5 * in_chans))
@@ -66,6 +67,12 @@ def infer_architecture(state_dict: Mapping[str, torch.Tensor], hints: Mapping[st
             raise CheckpointError(f"{name}: a shifted-patch embedding of {weight.shape[1]} inputs does not fit "
                                   f"{in_chans} channels; pass model={{'in_chans': C}}")
         embed_dim, patch_h, patch_w = weight.shape[0], patch, patch
+    elif conv_stem:
+        # convolutional stem: one stride-2 stage per halving of the patch, then a 1x1 projection
+        stages = len({m.group(1) for k in state_dict if (m := re.match(r"^patch_embed\.stem\.(\d+)\.conv\.", k))})
+        in_chans = state_dict["patch_embed.stem.0.conv.weight"].shape[1]
+        embed_dim = weight.shape[0]
+        patch_h = patch_w = 2 ** stages
     elif weight is None or weight.ndim != 4:
         raise CheckpointError(f"{name}: no 4-D patch embedding (patch_embed.proj.weight); cannot infer the model")
     else:
@@ -107,7 +114,8 @@ def infer_architecture(state_dict: Mapping[str, torch.Tensor], hints: Mapping[st
         init_values=(hints.get("init_values") or 1e-5) if ls is not None else None,
         reg_tokens=reg_tokens, no_embed_class=no_embed_class, pre_norm="norm_pre.weight" in state_dict,
         act_layer=hints.get("act_layer") or ("silu" if swiglu else "gelu"), mlp_layer="swiglu" if swiglu else "mlp",
-        embed_layer="spt" if spt else "conv", attn_layer="lsa" if "blocks.0.attn.scale" in state_dict else "mha",
+        embed_layer="spt" if spt else "conv_stem" if conv_stem else "conv",
+        attn_layer="lsa" if "blocks.0.attn.scale" in state_dict else "mha",
         # attention windows have no weights: only a config file (or the caller) tells them
         window_size=int(hints.get("window_size") or 0),
         global_attn_indexes=tuple(hints.get("global_attn_indexes") or ()))

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 GLOBAL_POOLS = ("token", "avg", "map", "")  # "map": attention pooling (SigLIP); "": no pooling, all tokens
 ACT_LAYERS = ("gelu", "gelu_tanh", "quick_gelu", "silu")
 MLP_LAYERS = ("mlp", "swiglu")
-EMBED_LAYERS = ("conv", "spt")
+EMBED_LAYERS = ("conv", "spt", "conv_stem")
 ATTN_LAYERS = ("mha", "lsa")
 # Regularisation, not architecture: a checkpoint cannot tell them and a config read back from one leaves them 0.
 TRAINING_FIELDS = ("drop_rate", "attn_drop_rate", "drop_path_rate", "patch_drop_rate")
@@ -57,8 +57,9 @@ class ViTConfig:
         act_layer: MLP activation: ``"gelu"``, ``"gelu_tanh"`` (SigLIP), ``"quick_gelu"`` (OpenAI CLIP),
             ``"silu"``.
         mlp_layer: ``"mlp"`` or ``"swiglu"`` (packed SwiGLU, DINOv2 giant; the hidden width is split in two).
-        embed_layer: ``"conv"`` (the ViT patch projection) or ``"spt"`` (Shifted Patch Tokenization, for small
-            datasets; Lee et al. 2021).
+        embed_layer: ``"conv"`` (the ViT patch projection), ``"spt"`` (Shifted Patch Tokenization, for small
+            datasets; Lee et al. 2021) or ``"conv_stem"`` (3x3 stride-2 convolutions with BatchNorm and ReLU, then a
+            1x1 projection; Xiao et al. 2021; the patch size must be a power of 2).
         attn_layer: ``"mha"`` or ``"lsa"`` (Locality Self-Attention: learned temperature, no self-attention to
             the token itself; Lee et al. 2021).
         window_size: ViTDet windowed attention (Li et al. 2022): blocks not in ``global_attn_indexes`` attend
@@ -239,8 +240,17 @@ def _problems(config: ViTConfig) -> list[str]:
         problems.append(f"embed_layer: expected one of {', '.join(EMBED_LAYERS)}, got {config.embed_layer!r}")
     if config.attn_layer not in ATTN_LAYERS:
         problems.append(f"attn_layer: expected one of {', '.join(ATTN_LAYERS)}, got {config.attn_layer!r}")
-    if config.embed_layer == "spt" and config.pre_norm:
-        problems.append("embed_layer 'spt' has no bias to drop: it cannot be combined with pre_norm")
+    if config.embed_layer in ("spt", "conv_stem") and config.pre_norm:
+        problems.append(f"embed_layer {config.embed_layer!r} has no patch-projection bias to drop: it cannot be "
+                        f"combined with pre_norm")
+    if config.embed_layer == "conv_stem" and isinstance(config.patch_size, int):
+        size = config.patch_size
+        if size < 2 or size & (size - 1):
+            problems.append(f"embed_layer 'conv_stem' halves the image per stage: patch_size must be a power of 2 "
+                            f"(2, 4, 8, 16), got {size}")
+        elif isinstance(config.embed_dim, int) and config.embed_dim % (size // 2):
+            problems.append(f"embed_layer 'conv_stem' doubles its width per stage up to embed_dim: embed_dim must "
+                            f"be divisible by patch_size / 2 = {size // 2}, got {config.embed_dim}")
     if config.mlp_layer == "swiglu" and isinstance(config.embed_dim, int) and mlp_hidden(config) % 2:
         problems.append(f"mlp_layer 'swiglu' splits the MLP's hidden width in two: embed_dim x mlp_ratio = "
                         f"{mlp_hidden(config)} must be even")

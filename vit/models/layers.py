@@ -104,6 +104,57 @@ class ShiftedPatchEmbed(nn.Module):
         return self.proj(self.norm(patches.transpose(1, 2)))  # -> (B, N, D)
 
 
+class ConvStemEmbed(nn.Module):
+    """A convolutional stem instead of the patchify projection (Xiao et al. 2021, "Early Convolutions Help
+    Transformers See Better"): for patch size p = 2^k, k blocks of 3x3 convolution with stride 2, BatchNorm and
+    ReLU (widths doubling up to ``embed_dim``), then a 1x1 convolution to ``embed_dim``. Each token still covers
+    one p x p patch of the grid, but sees its neighbours' pixels and is built by local filters, which a ViT
+    trained from scratch on little data otherwise has to learn. (B, C, H, W) -> (B, N, D).
+
+    Example:
+        >>> ConvStemEmbed(img_size=32, patch_size=4, embed_dim=64)(torch.zeros(2, 3, 32, 32)).shape
+        torch.Size([2, 64, 64])
+        >>> [tuple(block.conv.weight.shape) for block in ConvStemEmbed(32, 4, 3, 64).stem]
+        [(32, 3, 3, 3), (64, 32, 3, 3)]
+    """
+
+    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
+                 embed_dim: int = 768):
+        super().__init__()
+        self.img_size = to_2tuple(img_size)
+        self.patch_size = to_2tuple(patch_size)
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        stages = conv_stem_stages(self.patch_size[0])
+        widths = [embed_dim >> (stages - 1 - i) for i in range(stages)]
+        self.stem = nn.Sequential(*[ConvBNReLU(c_in, c_out) for c_in, c_out in zip([in_chans, *widths], widths)])
+        self.proj = nn.Conv2d(widths[-1], embed_dim, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.stem(x)).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, N, D)
+
+
+class ConvBNReLU(nn.Module):
+    """3x3 convolution with stride 2 (no bias: BatchNorm follows), BatchNorm, ReLU: one stage of ``ConvStemEmbed``."""
+
+    def __init__(self, in_chans: int, out_chans: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chans, out_chans, kernel_size=3, stride=2, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(out_chans)
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")  # He init, as for ResNets
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.conv(x)))
+
+
+def conv_stem_stages(patch_size: int) -> int:
+    """Stride-2 stages of a convolutional stem for ``patch_size`` (a power of 2, at least 2): log2 of it."""
+    if patch_size < 2 or patch_size & (patch_size - 1):
+        raise ValueError(f"a convolutional stem needs a patch size that is a power of 2 (2, 4, 8, 16), "
+                         f"got {patch_size}")
+    return patch_size.bit_length() - 1
+
+
 class Attention(nn.Module):
     """Multi-head self-attention through ``attention`` (``scaled_dot_product_attention``, or its plain form
     when training in bf16 on a CPU).

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ViTConfig
-from .layers import AttentionPool, Block, LayerScale, PatchEmbed, ShiftedPatchEmbed
+from .layers import AttentionPool, Block, ConvStemEmbed, LayerScale, PatchEmbed, ShiftedPatchEmbed
 from .pos_embed import resample_pos_embed
 
 
@@ -52,6 +52,8 @@ class VisionTransformer(nn.Module):
         # CLIP: the LayerNorm after the position embedding replaces the patch projection's bias
         if config.embed_layer == "spt":
             self.patch_embed = ShiftedPatchEmbed(config.img_size, config.patch_size, config.in_chans, embed_dim)
+        elif config.embed_layer == "conv_stem":
+            self.patch_embed = ConvStemEmbed(config.img_size, config.patch_size, config.in_chans, embed_dim)
         else:
             self.patch_embed = PatchEmbed(config.img_size, config.patch_size, config.in_chans, embed_dim,
                                           bias=not config.pre_norm)
