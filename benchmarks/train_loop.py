@@ -109,6 +109,7 @@ def run_ours(root: Path, args, cache: bool, workdir: Path) -> float:
                # the timm loop's settings, whatever the recipe's are: both sides do the same work per image
                "--data.crop_scale", "[0.35, 1.0]", "--data.color_jitter", "0.2", "--model.backbone.drop_path_rate", "0.1",
                "--model.lr", "0.001", "--model.weight_decay", "0.05", "--model.label_smoothing", "0.1",
+               "--model.ema_decay", "null",
                *[f"--model.backbone.{k}={v}" for k, v in arch.items()]], run=False)
     app.trainer.callbacks.append(Tick())
     app.trainer.fit(app.model, datamodule=app.datamodule)

