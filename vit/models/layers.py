@@ -50,7 +50,19 @@ def use_explicit_attention(q: torch.Tensor) -> bool:
             and q.shape[-2] <= EXPLICIT_ATTENTION_MAX_TOKENS)
 
 
-class PatchEmbed(nn.Module):
+class PatchGrid(nn.Module):
+    """The sizes every patch embedding tells the model: ``img_size`` and ``patch_size`` (pairs), the patch grid
+    (rows, cols) and its token count."""
+
+    def __init__(self, img_size: int | tuple[int, int], patch_size: int | tuple[int, int]):
+        super().__init__()
+        self.img_size = to_2tuple(img_size)
+        self.patch_size = to_2tuple(patch_size)
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+
+class PatchEmbed(PatchGrid):
     """Cut an image into non-overlapping patches and project each to ``embed_dim``.
 
     Example:
@@ -60,11 +72,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 768, bias: bool = True):
-        super().__init__()
-        self.img_size = to_2tuple(img_size)
-        self.patch_size = to_2tuple(patch_size)
-        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        super().__init__(img_size, patch_size)
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +80,7 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2)  # -> (B, N, D)
 
 
-class ShiftedPatchEmbed(nn.Module):
+class ShiftedPatchEmbed(PatchGrid):
     """Shifted Patch Tokenization (Lee et al. 2021, "Vision Transformer for Small-Size Datasets"): the image and
     four copies shifted diagonally by half a patch are cut into patches together, so each token also sees its
     neighbours' pixels; then LayerNorm and a linear projection. (B, C, H, W) -> (B, N, D).
@@ -84,11 +92,7 @@ class ShiftedPatchEmbed(nn.Module):
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 768):
-        super().__init__()
-        self.img_size = to_2tuple(img_size)
-        self.patch_size = to_2tuple(patch_size)
-        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        super().__init__(img_size, patch_size)
         patch_dim = 5 * in_chans * self.patch_size[0] * self.patch_size[1]
         self.norm = nn.LayerNorm(patch_dim)
         self.proj = nn.Linear(patch_dim, embed_dim)
@@ -104,7 +108,7 @@ class ShiftedPatchEmbed(nn.Module):
         return self.proj(self.norm(patches.transpose(1, 2)))  # -> (B, N, D)
 
 
-class ConvStemEmbed(nn.Module):
+class ConvStemEmbed(PatchGrid):
     """A convolutional stem instead of the patchify projection (Xiao et al. 2021, "Early Convolutions Help
     Transformers See Better"): for patch size p = 2^k, k blocks of 3x3 convolution with stride 2, BatchNorm and
     ReLU (widths doubling up to ``embed_dim``), then a 1x1 convolution to ``embed_dim``. Each token still covers
@@ -120,11 +124,7 @@ class ConvStemEmbed(nn.Module):
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 768):
-        super().__init__()
-        self.img_size = to_2tuple(img_size)
-        self.patch_size = to_2tuple(patch_size)
-        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        super().__init__(img_size, patch_size)
         stages = conv_stem_stages(self.patch_size[0])
         widths = [embed_dim >> (stages - 1 - i) for i in range(stages)]
         self.stem = nn.Sequential(*[ConvBNReLU(c_in, c_out) for c_in, c_out in zip([in_chans, *widths], widths)])
