@@ -150,9 +150,9 @@ def _adapt(state_dict: dict[str, torch.Tensor], ckpt_config: ViTConfig, model: V
     """Resample the position embeddings and patch kernel to the model's sizes; drop a head that does not fit."""
     target, ckpt_arch = architecture_of(model), ckpt_config.to_dict()
     weight = state_dict.get("patch_embed.proj.weight")
-    # (a convolutional stem's proj is a 1x1 convolution after its stride-2 stages: nothing to resample)
-    if (weight is not None and weight.ndim == 4 and weight.shape[-1] != model.patch_size
-            and "patch_embed.stem.0.conv.weight" not in state_dict):
+    # only a patchify kernel covers the patch (a convolutional stem's proj is 1x1, after its stride-2 stages)
+    if (ckpt_config.embed_layer == "conv" and weight is not None and weight.ndim == 4
+            and weight.shape[-1] != model.patch_size):
         log.info("%s: resampling the patch-embedding kernel %dx%d -> %dx%d", name, weight.shape[-2],
                  weight.shape[-1], model.patch_size, model.patch_size)
         state_dict["patch_embed.proj.weight"] = resample_patch_kernel(
